@@ -1,0 +1,167 @@
+"""Recipes: YAML files that configure a training run, with ``key=value`` overrides.
+
+A recipe holds the fields of ``RunConfig`` plus one section named after the method (for
+example ``rlag:``) that the method's own ``Config`` model validates. Unknown keys anywhere are
+an error.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from kembed.errors import ConfigError
+from kembed.prompts import PromptFormat
+
+RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
+
+
+class Strict(BaseModel):
+    """A pydantic model that rejects unknown keys."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+class LoraSettings(Strict):
+    """LoRA adapter settings (``peft.LoraConfig``)."""
+
+    r: int = 16
+    lora_alpha: int = 32
+    lora_dropout: float = 0.05
+    target_modules: list[str] = Field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
+
+
+class TrainConfig(Strict):
+    """Optimiser settings shared by every method (the trainer backend reads them).
+
+    ``batch_size`` is per device; the global batch is ``batch_size * grad_accum``.
+    """
+
+    learning_rate: float = 1e-5
+    batch_size: int = 4
+    grad_accum: int = 1
+    warmup_ratio: float = 0.1
+    lr_scheduler: str = "constant_with_warmup"
+    max_grad_norm: float = 1.0
+    weight_decay: float = 0.0
+    adam_beta2: float = 0.999
+    lora: LoraSettings | None = None
+
+
+class EvalDuringTraining(Strict):
+    """Closed-book accuracy measured after each iteration (``split: null`` turns it off)."""
+
+    split: str | None = "dev"
+    limit: int | None = None
+
+
+class RunConfig(Strict):
+    """The method-independent part of a recipe."""
+
+    method: str
+    model: str = "smollm2-135m-instruct"
+    domain: str = "current-events"
+    data_dir: str | None = None
+    seed: int = 42
+    limit: int | None = None
+    device: str = "auto"
+    precision: str = "auto"
+    prompts: PromptFormat = Field(default_factory=PromptFormat)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    eval: EvalDuringTraining = Field(default_factory=EvalDuringTraining)
+
+
+def recipe_path(method: str, recipe: str | Path | None) -> Path:
+    """The recipe file: ``recipe`` if given (a path, or a name in ``recipes/``), else
+    ``recipes/<method>.yaml``.
+
+    Raises:
+        ConfigError: the file does not exist.
+    """
+    if recipe is None:
+        path = RECIPES_DIR / f"{method}.yaml"
+    else:
+        path = Path(recipe)
+        if not path.exists() and (RECIPES_DIR / f"{recipe}.yaml").exists():
+            path = RECIPES_DIR / f"{recipe}.yaml"
+    if not path.is_file():
+        raise ConfigError(f"recipe not found: {path}")
+    return path
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """Split ``a.b=value`` into (``["a", "b"]``, YAML-parsed value).
+
+    Raises:
+        ConfigError: no ``=`` or an empty key.
+    """
+    key, sep, value = text.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"override '{text}' is not of the form key=value")
+    return key.strip().split("."), yaml.safe_load(value) if value.strip() else None
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    """Set each ``key=value`` in the nested dict ``data`` (in place) and return it."""
+    for text in overrides:
+        path, value = parse_override(text)
+        node = data
+        for part in path[:-1]:
+            if not isinstance(node.get(part), dict):
+                node[part] = {}
+            node = node[part]
+        node[path[-1]] = value
+    return data
+
+
+def _fmt_error(source: str, err: ValidationError, prefix: str = "") -> ConfigError:
+    first = err.errors()[0]
+    key = prefix + ".".join(str(p) for p in first["loc"])
+    if first["type"] == "extra_forbidden":
+        return ConfigError(f"{source}: unknown key '{key}'")
+    return ConfigError(f"{source}: {key}: {first['msg']} (got {first.get('input')!r})")
+
+
+def resolve_config(data: dict, method_config_cls: type[BaseModel], source: str) -> tuple[RunConfig, BaseModel]:
+    """Validate a recipe dict into (``RunConfig``, the method's config).
+
+    Raises:
+        ConfigError: an unknown key or a value of the wrong type, naming the key.
+    """
+    data = dict(data)
+    method = data.get("method")
+    section = data.pop(method, None) or {} if isinstance(method, str) else {}
+    try:
+        run = RunConfig.model_validate(data)
+    except ValidationError as e:
+        raise _fmt_error(source, e) from None
+    try:
+        method_cfg = method_config_cls.model_validate(section)
+    except ValidationError as e:
+        raise _fmt_error(source, e, prefix=f"{method}.") from None
+    return run, method_cfg
+
+
+def load_recipe_dict(path: Path) -> dict:
+    """Read a recipe YAML file into a dict.
+
+    Raises:
+        ConfigError: invalid YAML or not a mapping.
+    """
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: invalid YAML: {str(e).splitlines()[0]}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: a recipe must be a mapping of keys to values")
+    return data
+
+
+def dump_config(run: RunConfig, method_cfg: BaseModel) -> dict:
+    """The resolved config as one plain dict (what ``config.yaml`` in a run directory holds)."""
+    out = run.model_dump(mode="json")
+    out[run.method] = method_cfg.model_dump(mode="json")
+    return out

@@ -1,0 +1,506 @@
+"""The RLAG domain datasets: where they live, how they load, and how gold answers are decided.
+
+The data is the ``data/`` folder of the RLAG repository (four domain folders). It is never part
+of this project: :func:`resolve_data_dir` finds a local copy and :func:`fetch_data` makes one.
+
+Label reconciliation policy
+---------------------------
+A source record may give its gold answer as a text (``answer``), as a label (``answer_idx``,
+a key of ``options``), or both, and the two do not always agree. Texts are matched to the
+options after whitespace normalisation (strip, collapse runs of whitespace), case-sensitively:
+case-insensitive matching would also accept 3 Astronomy train answers that differ from an
+option only in case ("Streaming instability" vs "Streaming Instability") and would merge
+options such as "Gy" / "GY"; case-sensitive matching reproduces exactly the cases listed in
+PROVENANCE.md. A label is valid when it is one of the option keys (after stripping spaces).
+Labels and texts that are absent or empty count as missing.
+
+- text matches one option, label agrees or missing: keep.
+- text matches one option, label invalid: keep by text, note ``letter_invalid_text_used``.
+- text matches one option, label disagrees: keep by TEXT, note ``letter_disagrees_text_used``
+  (PROVENANCE: in Astronomy test/val the text is right).
+- text matches several (duplicate) options: keep by label if it points to one of them, note
+  ``ambiguous_text_letter_used``; otherwise drop ``ambiguous_answer``. Duplicate options the
+  text does not match are kept as they are.
+- text missing, label valid: keep by label.
+- text not among the options, label valid: keep by LABEL, note ``text_not_in_options_letter_used``
+  (PROVENANCE: in CurrentEvents the label is right).
+- text not among the options and label missing or invalid, or text missing and label invalid:
+  drop ``answer_not_in_options``.
+- text and label both missing: drop ``no_answer``.
+- checked first: an empty question drops ``empty_question``; fewer than 2 options or an empty
+  option text drops ``bad_options``.
+
+Every drop and note is counted in the :class:`SplitReport`; nothing is dropped silently.
+Observed on the RLAG data (commit ebc874f): CurrentEvents train 18 and test 1
+``text_not_in_options_letter_used``; Astronomy test 46 and val 2 ``letter_disagrees_text_used``;
+Astronomy train (no labels) drops 46 ``answer_not_in_options``; every other file keeps all of
+its records. Per-file tables: docs/data.md.
+
+Structurally malformed input (invalid JSON, wrong types, missing ``question``/``options``)
+raises :class:`~kembed.errors.DataError` naming the file, record and field.
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import re
+import shutil
+import tempfile
+import urllib.request
+import zipfile
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
+from typing import TYPE_CHECKING
+from urllib.error import HTTPError, URLError
+
+import platformdirs
+
+from kembed.errors import DataError, KembedError
+from kembed.records import QARecord
+
+if TYPE_CHECKING:
+    from rich.table import Table
+
+ENV_VAR = "KEMBED_DATA_DIR"
+UPSTREAM_COMMIT = "ebc874f3da31b949c29ded7b298a5d6e60eb8cfc"
+UPSTREAM_ZIP_URL = f"https://codeload.github.com/ChaojunNie/RLAG/zip/{UPSTREAM_COMMIT}"
+EXTRA_FILES = ("PROVENANCE.md", "LICENSE")
+
+
+@dataclass(frozen=True)
+class DomainSpec:
+    """Where one domain's splits live inside the data directory.
+
+    Attributes:
+        name: the domain name used on the command line and in records.
+        folder: the domain's folder inside the data directory.
+        splits: split name -> file names inside ``folder``, concatenated in order.
+        knowledge_base: file name of the knowledge-base text (one document per line), if any.
+        description: one line for listings.
+    """
+
+    name: str
+    folder: str
+    splits: dict[str, tuple[str, ...]]
+    knowledge_base: str | None = None
+    description: str = ""
+
+
+DOMAINS: dict[str, DomainSpec] = {
+    spec.name: spec
+    for spec in (
+        DomainSpec("medical", "USMLE",
+                   {"train": ("USMLE_val.json",), "test": ("USMLE_test.jsonl",)},
+                   description="USMLE (MedQA) questions; upstream train file is missing, val is used "
+                               "for training"),
+        DomainSpec("legal", "BarExam",
+                   {"train": ("BarExam_train.json",), "dev": ("BarExam_dev.json",),
+                    "test": ("BarExam_test.json",)},
+                   description="Bar exam (MBE) questions with gold passages"),
+        DomainSpec("astronomy", "Astronomy",
+                   {"train": ("Astronomy_train.json",),
+                    "dev": ("astronomy_val.json", "astronomy_dev.json"),
+                    "test": ("Astronomy_test.json",)},
+                   description="LLM-generated astronomy questions from Wikipedia; course-exam test"),
+        DomainSpec("current-events", "CurrentEvents",
+                   {"train": ("CurrentEvents_train.json",), "dev": ("CurrentEvents_dev.json",),
+                    "test": ("CurrentEvents_test.json",)},
+                   knowledge_base="CurrentEvents.txt",
+                   description="2024-25 news events after the models' cutoff"),
+    )
+}
+
+
+def get_domain(name: str) -> DomainSpec:
+    """The built-in domain called ``name``.
+
+    Raises:
+        KembedError: the name is not a known domain (the message lists the known ones).
+    """
+    try:
+        return DOMAINS[name]
+    except KeyError:
+        raise KembedError(f"unknown domain '{name}'; known domains: {', '.join(DOMAINS)}") from None
+
+
+def default_data_dir() -> Path:
+    """The per-user data directory that ``kembed data fetch`` fills by default."""
+    return Path(platformdirs.user_data_dir("kembed")) / "rlag"
+
+
+def resolve_data_dir(data_dir: str | os.PathLike | None = None) -> Path:
+    """The data directory: ``data_dir`` if given, else ``$KEMBED_DATA_DIR``, else the default.
+
+    Raises:
+        KembedError: the chosen directory does not exist.
+    """
+    if data_dir is not None:
+        path, origin = Path(data_dir), "--data-dir"
+    elif os.environ.get(ENV_VAR):
+        path, origin = Path(os.environ[ENV_VAR]), f"${ENV_VAR}"
+    else:
+        path, origin = default_data_dir(), "the default location"
+    path = path.expanduser()
+    if not path.is_dir():
+        raise KembedError(f"no data directory at {path} (from {origin}); run `kembed data fetch` "
+                          f"or pass --data-dir DIR")
+    return path
+
+
+@dataclass
+class SplitReport:
+    """What loading one split did.
+
+    Attributes:
+        domain, split: what was loaded.
+        files: the files read, relative to the data directory.
+        read: records read from the files.
+        kept: records returned.
+        dropped: drop reason -> number of records.
+        reconciled: reconciliation note -> number of kept records it applies to.
+        options_per_question: number of options -> number of kept records.
+        snippets_per_question: number of knowledge snippets -> number of kept records.
+    """
+
+    domain: str
+    split: str
+    files: list[str] = field(default_factory=list)
+    read: int = 0
+    kept: int = 0
+    dropped: Counter[str] = field(default_factory=Counter)
+    reconciled: Counter[str] = field(default_factory=Counter)
+    options_per_question: Counter[int] = field(default_factory=Counter)
+    snippets_per_question: Counter[int] = field(default_factory=Counter)
+
+    def to_dict(self) -> dict:
+        """A JSON-serialisable dict of every field (counters as sorted plain dicts)."""
+        return {
+            "domain": self.domain, "split": self.split, "files": list(self.files),
+            "read": self.read, "kept": self.kept,
+            "dropped": dict(sorted(self.dropped.items())),
+            "reconciled": dict(sorted(self.reconciled.items())),
+            "options_per_question": dict(sorted(self.options_per_question.items())),
+            "snippets_per_question": dict(sorted(self.snippets_per_question.items())),
+        }
+
+
+def load_split(domain: str, split: str,
+               data_dir: str | os.PathLike | None = None) -> tuple[list[QARecord], SplitReport]:
+    """Load one split of a domain, applying the reconciliation policy (module docstring).
+
+    Record ids are ``"<split>-<source id>"`` (the source ``idx``, else ``id``, else the record's
+    0-based position in its file); for splits made of several files the file stem is included:
+    ``"<split>-<stem>-<source id>"``. The question is ``prompt`` + newline + ``question`` when a
+    ``prompt`` is present (BarExam dev); options and labels are the ``options`` object's values
+    and keys in order (texts stripped); knowledge is ``ctx`` (else ``gold_passage``) split on
+    newlines, stripped, empty lines removed.
+
+    Raises:
+        KembedError: unknown domain or split, missing data directory or file.
+        DataError: a file is not UTF-8, not valid JSON, or a record is malformed (or has a
+            duplicate id).
+    """
+    spec = get_domain(domain)
+    if split not in spec.splits:
+        raise KembedError(f"domain '{domain}' has no split '{split}'; available: {', '.join(spec.splits)}")
+    root = resolve_data_dir(data_dir)
+    files = spec.splits[split]
+    report = SplitReport(domain, split, files=[f"{spec.folder}/{name}" for name in files])
+    records: list[QARecord] = []
+    seen: set[str] = set()
+    for name in files:
+        path = root / spec.folder / name
+        prefix = f"{split}-{Path(name).stem}-" if len(files) > 1 else f"{split}-"
+        for pos, raw in enumerate(_read_records(path)):
+            report.read += 1
+            record = _parse_record(raw, pos, path, domain, split, prefix, seen, report)
+            if record is not None:
+                records.append(record)
+                report.options_per_question[len(record.options)] += 1
+                report.snippets_per_question[len(record.knowledge)] += 1
+    report.kept = len(records)
+    return records, report
+
+
+def load_records(domain: str, split: str, data_dir: str | os.PathLike | None = None,
+                 limit: int | None = None) -> list[QARecord]:
+    """The kept records of a split (the first ``limit`` of them when ``limit`` is given).
+
+    Raises:
+        KembedError: ``limit`` is negative, or as :func:`load_split`.
+        DataError: as :func:`load_split`.
+    """
+    if limit is not None and limit < 0:
+        raise KembedError(f"limit must be >= 0, got {limit}")
+    records, _ = load_split(domain, split, data_dir)
+    return records if limit is None else records[:limit]
+
+
+def load_knowledge_base(domain: str, data_dir: str | os.PathLike | None = None) -> list[str] | None:
+    """The domain's knowledge-base documents (non-empty stripped lines), or None if it has none.
+
+    Raises:
+        KembedError: unknown domain, missing data directory or file.
+        DataError: the file is not UTF-8.
+    """
+    spec = get_domain(domain)
+    if spec.knowledge_base is None:
+        return None
+    text = _read_text(resolve_data_dir(data_dir) / spec.folder / spec.knowledge_base)
+    return [line.strip() for line in text.split("\n") if line.strip()]
+
+
+def _read_text(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8-sig")
+    except FileNotFoundError:
+        raise KembedError(f"{path}: file not found (is the data directory complete? "
+                          f"`kembed data fetch` restores it)") from None
+    except UnicodeDecodeError as e:
+        raise DataError(path, f"not UTF-8 text (undecodable byte at offset {e.start})") from None
+
+
+def _read_records(path: Path) -> list:
+    """The raw records of a .json array or a .jsonl file (blank lines skipped)."""
+    text = _read_text(path)
+    if path.suffix == ".jsonl":
+        records = []
+        for lineno, line in enumerate(text.split("\n"), 1):
+            if line.strip():
+                try:
+                    records.append(json.loads(line))
+                except json.JSONDecodeError as e:
+                    raise DataError(path, f"invalid JSON on line {lineno}, column {e.colno}: {e.msg}") from None
+        return records
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise DataError(path, f"invalid JSON at line {e.lineno}, column {e.colno}: {e.msg}") from None
+    if not isinstance(data, list):
+        raise DataError(path, f"expected a JSON array of records, got {_json_type(data)}")
+    return data
+
+
+def _json_type(value) -> str:
+    names = {dict: "an object", list: "an array", str: "a string", bool: "a boolean",
+             int: "a number", float: "a number", type(None): "null"}
+    return names.get(type(value), type(value).__name__)
+
+
+def _parse_record(raw, pos: int, path: Path, domain: str, split: str, prefix: str,
+                  seen: set[str], report: SplitReport) -> QARecord | None:
+    """One source record as a QARecord, or None (counted in ``report``) when the policy drops it."""
+    if not isinstance(raw, dict):
+        raise DataError(path, f"expected an object, got {_json_type(raw)}", record=pos)
+    where = pos
+    id_field = next((k for k in ("idx", "id") if k in raw), None)
+    source_id = pos if id_field is None else raw[id_field]
+    if isinstance(source_id, bool) or not isinstance(source_id, (int, str)) or source_id == "":
+        raise DataError(path, f"expected a number or a non-empty string, got {_json_type(source_id)}",
+                        record=where, field=id_field)
+    record_id = f"{prefix}{source_id}"
+    if id_field is not None:
+        where = f"{pos} (id {source_id})"
+    if record_id in seen:
+        raise DataError(path, f"duplicate id {source_id!r} in split '{split}'", record=where, field=id_field)
+    seen.add(record_id)
+
+    def text(name: str, required: bool = False) -> str:
+        if name not in raw:
+            if required:
+                raise DataError(path, "missing", record=where, field=name)
+            return ""
+        if not isinstance(raw[name], str):
+            raise DataError(path, f"expected a string, got {_json_type(raw[name])}", record=where, field=name)
+        return raw[name].strip()
+
+    question = "\n".join(part for part in (text("prompt"), text("question", required=True)) if part)
+    if "options" not in raw:
+        raise DataError(path, "missing", record=where, field="options")
+    options = raw["options"]
+    if not isinstance(options, dict) or not all(isinstance(v, str) for v in options.values()):
+        raise DataError(path, f"expected an object of label -> option text, got {_json_type(options)}"
+                        f"{' with non-string values' if isinstance(options, dict) else ''}",
+                        record=where, field="options")
+    answer, letter = text("answer"), text("answer_idx")
+    knowledge_text = text("ctx") if "ctx" in raw else text("gold_passage")
+
+    if not question:
+        index, reason, note = None, "empty_question", None
+    elif len(options) < 2 or any(not v.strip() for v in options.values()):
+        index, reason, note = None, "bad_options", None
+    else:
+        index, reason, note = _resolve_answer(list(options), [_normalise(v) for v in options.values()],
+                                              _normalise(answer), letter)
+    if reason is not None:
+        report.dropped[reason] += 1
+        return None
+    if note is not None:
+        report.reconciled[note] += 1
+    knowledge = tuple(line.strip() for line in knowledge_text.split("\n") if line.strip())
+    return QARecord(record_id, domain, split, question, tuple(v.strip() for v in options.values()),
+                    tuple(options), index, knowledge)
+
+
+def _normalise(text: str) -> str:
+    return re.sub(r"\s+", " ", text).strip()
+
+
+def _resolve_answer(labels: list[str], options: list[str], answer: str,
+                    letter: str) -> tuple[int | None, str | None, str | None]:
+    """``(answer_index, drop_reason, note)`` for normalised options/answer text and a label."""
+    matches = [i for i, option in enumerate(options) if answer and option == answer]
+    by_letter = labels.index(letter) if letter in labels else None
+    if len(matches) == 1:
+        if by_letter is None:
+            return matches[0], None, "letter_invalid_text_used" if letter else None
+        return matches[0], None, None if by_letter == matches[0] else "letter_disagrees_text_used"
+    if matches:
+        if by_letter in matches:
+            return by_letter, None, "ambiguous_text_letter_used"
+        return None, "ambiguous_answer", None
+    if by_letter is not None:
+        return by_letter, None, "text_not_in_options_letter_used" if answer else None
+    return None, "answer_not_in_options" if answer or letter else "no_answer", None
+
+
+def validation_table(report: SplitReport) -> Table:
+    """A rich ``Table`` summarising one :class:`SplitReport` (counts, drops, notes, distributions)."""
+    from rich.table import Table
+
+    def distribution(counter: Counter[int]) -> str:
+        return ", ".join(f"{k}: {n}" for k, n in sorted(counter.items())) or "-"
+
+    table = Table(title=f"{report.domain} / {report.split}  ({', '.join(report.files)})", title_justify="left")
+    table.add_column("check")
+    table.add_column("value", overflow="fold")
+    table.add_row("records read", str(report.read))
+    table.add_row("kept", str(report.kept))
+    table.add_row("dropped", str(sum(report.dropped.values())))
+    for reason, n in sorted(report.dropped.items()):
+        table.add_row(f"  {reason}", str(n))
+    table.add_row("reconciled", str(sum(report.reconciled.values())))
+    for note, n in sorted(report.reconciled.items()):
+        table.add_row(f"  {note}", str(n))
+    table.add_row("options per question", distribution(report.options_per_question))
+    snippets = report.snippets_per_question
+    if snippets:
+        mean = sum(k * n for k, n in snippets.items()) / sum(snippets.values())
+        table.add_row("snippets per question (min / mean / max)", f"{min(snippets)} / {mean:.1f} / {max(snippets)}")
+    table.add_row("snippets per question", distribution(snippets))
+    return table
+
+
+def validation_tables(reports: list[SplitReport]) -> list[Table]:
+    """One :func:`validation_table` per report, in order."""
+    return [validation_table(report) for report in reports]
+
+
+def fetch_data(dest: Path | None = None, source_dir: Path | None = None, *,
+               url: str = UPSTREAM_ZIP_URL, timeout: float = 30.0) -> Path:
+    """Make a local copy of the RLAG ``data/`` folder at ``dest`` (default: :func:`default_data_dir`).
+
+    With ``source_dir``, copies the domain folders (and PROVENANCE.md / LICENSE) from a local
+    directory laid out like the upstream ``data/`` folder (or a clone whose ``data/`` it uses).
+    Without it, downloads the upstream zip archive at the pinned commit from ``url`` (``timeout``
+    seconds for each network operation) and extracts its ``data/`` folder and LICENSE. The copy
+    is built in a temporary sibling of ``dest`` and renamed into place only once complete, so a
+    failure leaves any existing ``dest`` untouched.
+
+    Returns:
+        ``dest``.
+
+    Raises:
+        KembedError: ``source_dir`` holds no domain folder; the download fails (network error,
+            timeout, HTTP error) or is not a zip archive with a ``data/`` folder; ``dest`` is a
+            file.
+    """
+    dest = Path(dest).expanduser() if dest is not None else default_data_dir()
+    if dest.exists() and not dest.is_dir():
+        raise KembedError(f"{dest} exists and is not a directory")
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".partial", dir=dest.parent))
+    try:
+        if source_dir is not None:
+            _copy_data(Path(source_dir).expanduser(), tmp)
+        else:
+            _download_data(url, tmp, timeout)
+        _swap_into_place(tmp, dest)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return dest
+
+
+def _known_folders(root: Path) -> list[str]:
+    return [spec.folder for spec in DOMAINS.values() if (root / spec.folder).is_dir()]
+
+
+def _copy_data(source: Path, tmp: Path) -> None:
+    if not _known_folders(source) and _known_folders(source / "data"):
+        source = source / "data"
+    folders = _known_folders(source)
+    if not folders:
+        known = ", ".join(spec.folder for spec in DOMAINS.values())
+        raise KembedError(f"{source} holds none of the domain folders {known}; "
+                          f"pass the upstream RLAG data/ folder")
+    for folder in folders:
+        for path in sorted((source / folder).rglob("*")):
+            target = tmp / path.relative_to(source)
+            if path.is_dir():
+                target.mkdir(parents=True, exist_ok=True)
+            else:
+                target.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(path, target)  # not copy2: the source may be read-only
+    for name in EXTRA_FILES:
+        if (source / name).is_file():
+            shutil.copyfile(source / name, tmp / name)
+
+
+def _download_data(url: str, tmp: Path, timeout: float) -> None:
+    archive = tmp / "upstream.zip"
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as response, archive.open("wb") as out:
+            shutil.copyfileobj(response, out)
+    except (URLError, OSError, http.client.HTTPException) as e:
+        reason = f"HTTP {e.code} {e.reason}" if isinstance(e, HTTPError) else getattr(e, "reason", None) or e
+        raise KembedError(f"could not download {url} ({reason}); "
+                          f"copy the data with `kembed data fetch --from DIR` instead") from None
+    try:
+        with zipfile.ZipFile(archive) as zf:
+            for info in zf.infolist():
+                parts = PurePosixPath(info.filename).parts
+                if info.is_dir() or ".." in parts or len(parts) < 2:
+                    continue
+                if parts[1:] == ("LICENSE",):
+                    rel = parts[1:]
+                elif parts[1] == "data" and len(parts) > 2:
+                    rel = parts[2:]
+                else:
+                    continue
+                target = tmp.joinpath(*rel)
+                target.parent.mkdir(parents=True, exist_ok=True)
+                with zf.open(info) as src, target.open("wb") as out:
+                    shutil.copyfileobj(src, out)
+    except zipfile.BadZipFile:
+        raise KembedError(f"{url} did not return a zip archive") from None
+    archive.unlink()
+    if not _known_folders(tmp):
+        raise KembedError(f"the archive from {url} has no data/ folder with the domain folders")
+
+
+def _swap_into_place(new: Path, dest: Path) -> None:
+    """Rename ``new`` to ``dest``, replacing an existing ``dest`` only once the rename can happen."""
+    if not dest.exists():
+        new.rename(dest)
+        return
+    old = new.with_name(new.name + ".old")
+    dest.rename(old)
+    try:
+        new.rename(dest)
+    except OSError:
+        old.rename(dest)
+        raise
+    shutil.rmtree(old, ignore_errors=True)

@@ -1,0 +1,367 @@
+"""RLAG: reinforcement learning from augmented generation (Nie et al., EMNLP 2025,
+arXiv 2509.20162), as described in methods.md.
+
+Each iteration samples, then optimises:
+
+1. Sampling (no gradient, current weights, gold labels not used): score every option with the
+   knowledge snippets Z in the prompt and without them. The chosen answer y_w is the argmax
+   with Z ("augmented generation"), the rejected answer y_l the argmax without ("naive
+   generation").
+2. Loss (the authors' code; the figure's variants are options)::
+
+       L = -log sigmoid(beta_D * lz + beta_A * min(lw, eps1) - beta_A * max(ll, eps2) - gamma)
+
+   with lw, ll, lz the mean token log-probs of y_w (chat prompt with Z), y_l (chat prompt
+   without Z) and of the snippets themselves (each wrapped BOS + z + EOS, concatenated).
+   Dynamic beta per example: (beta_D, beta_A) = (0.5, 0.0) when y_w == y_l, else (0.2, 0.5).
+3. Iterations: the training set is split into N chunks; for each chunk: sample with the
+   current weights, train E epochs with a new optimiser, save; the pass repeats T times.
+"""
+
+from __future__ import annotations
+
+import random
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from pydantic import model_validator
+
+from kembed.config import Strict
+from kembed.records import QARecord
+from kembed.scoring import gather_logprobs
+
+NAME = "rlag"
+DESCRIPTION = "RLAG: preference-style training of augmented (chosen) vs naive (rejected) answers plus knowledge likelihood"
+TERMS = ("knowledge", "chosen", "rejected")
+
+
+class Config(Strict):
+    """The ``rlag:`` recipe section. Defaults follow the authors' code (train.sh / utils.py).
+
+    Attributes:
+        chunks: N, number of chunks the training set is split into (one iteration each).
+        epochs: E, epochs of training on each chunk's sampled pairs.
+        passes: T, passes over all chunks.
+        gamma: margin subtracted inside the sigmoid (train.sh: 0.8; config.yaml's 8 saturates).
+        eps_chosen: eps1, upper clip of the chosen term (code: -0.2).
+        eps_rejected: eps2, lower clip of the rejected term (code: -5.0).
+        beta_D, beta_A: betas of examples whose chosen and rejected answers differ, and the
+            fixed betas under ``fixed_beta``.
+        beta_D_same, beta_A_same: betas of examples whose chosen and rejected answers agree.
+        clip_order: ``before_beta`` clips the log-probs (code), ``after_beta`` clips the
+            beta-scaled rewards (paper figure).
+        knowledge_logprob: ``concat`` = one mean over all concatenated snippets (code),
+            ``per_snippet`` = sum of per-snippet means, each snippet scored on its own (figure).
+        answer_span: ``template`` = the answer mean includes the chat template's assistant
+            header and end-of-turn tokens (code); ``answer`` = answer tokens only (figure).
+        no_rejected, no_knowledge, no_gamma, no_clip, fixed_beta, pure_chosen, pure_knowledge,
+        pure_rejected, chosen_is_gold: the ablation switches of the reference code
+        (NoRejected, NoInformation, NoGamma, NoClip, FixBeta_AD, PureChosen, PureInformation,
+        PureRejected, chosen_is_standard_answer) that the paper's Table 3 reports.
+    """
+
+    chunks: int = 3
+    epochs: int = 2
+    passes: int = 1
+    gamma: float = 0.8
+    eps_chosen: float = -0.2
+    eps_rejected: float = -5.0
+    beta_D: float = 0.2
+    beta_A: float = 0.5
+    beta_D_same: float = 0.5
+    beta_A_same: float = 0.0
+    clip_order: Literal["before_beta", "after_beta"] = "before_beta"
+    knowledge_logprob: Literal["concat", "per_snippet"] = "concat"
+    answer_span: Literal["template", "answer"] = "template"
+    no_rejected: bool = False
+    no_knowledge: bool = False
+    no_gamma: bool = False
+    no_clip: bool = False
+    fixed_beta: bool = False
+    pure_chosen: bool = False
+    pure_knowledge: bool = False
+    pure_rejected: bool = False
+    chosen_is_gold: bool = False
+
+    @model_validator(mode="after")
+    def _check(self):
+        if sum([self.pure_chosen, self.pure_knowledge, self.pure_rejected]) > 1:
+            raise ValueError("at most one of pure_chosen, pure_knowledge, pure_rejected")
+        if min(self.chunks, self.epochs, self.passes) < 1:
+            raise ValueError("chunks, epochs and passes must be at least 1")
+        if not self.active_terms():
+            raise ValueError("the ablation switches remove every loss term")
+        return self
+
+    def active_terms(self) -> tuple[str, ...]:
+        """The loss terms in use after the ablation switches."""
+        for term, pure in zip(TERMS, (self.pure_knowledge, self.pure_chosen, self.pure_rejected)):
+            if pure:
+                return (term,)
+        dropped = {"knowledge": self.no_knowledge, "rejected": self.no_rejected}
+        return tuple(t for t in TERMS if not dropped.get(t, False))
+
+    def betas(self, same: bool) -> tuple[float, float]:
+        """(beta_D, beta_A) of an example whose chosen and rejected answers agree (``same``)."""
+        if same and not self.fixed_beta:
+            return self.beta_D_same, self.beta_A_same
+        return self.beta_D, self.beta_A
+
+
+# ----------------------------------------------------------------------------- loss
+
+
+def rlag_loss(lz: torch.Tensor, lw: torch.Tensor, ll: torch.Tensor, beta_D: torch.Tensor,
+              beta_A: torch.Tensor, cfg: Config) -> torch.Tensor:
+    """Per-example RLAG loss (authors' code, utils.py ``compute_rlag_batch_loss``; figure
+    variants by option).
+
+    Args:
+        lz: ``[b]`` knowledge log-prob (mean, or sum of per-snippet means).
+        lw: ``[b]`` mean log-prob of the chosen answer given the prompt with Z.
+        ll: ``[b]`` mean log-prob of the rejected answer given the prompt without Z.
+        beta_D, beta_A: ``[b]`` per-example betas.
+        cfg: the method config (gamma, clipping, ablation switches).
+
+    Returns:
+        ``[b]``: ``-log sigmoid(sum of active terms - gamma)``. Inactive terms may be any
+        tensor (they are not read).
+    """
+    eps1, eps2 = cfg.eps_chosen, cfg.eps_rejected
+    terms = {}
+    active = cfg.active_terms()
+    if "knowledge" in active:
+        terms["knowledge"] = beta_D * lz  # r_z
+    if "chosen" in active:
+        if cfg.no_clip:
+            terms["chosen"] = beta_A * lw
+        elif cfg.clip_order == "before_beta":
+            terms["chosen"] = beta_A * lw.clamp(max=eps1)  # code: beta_A * min(lw, -0.2)
+        else:
+            terms["chosen"] = (beta_A * lw).clamp(max=eps1)  # figure: min(beta * lw, eps1)
+    if "rejected" in active:
+        if cfg.no_clip:
+            terms["rejected"] = -beta_A * ll
+        elif cfg.clip_order == "before_beta":
+            terms["rejected"] = -beta_A * ll.clamp(min=eps2)  # code: -beta_A * max(ll, -5)
+        else:
+            terms["rejected"] = -(beta_A * ll).clamp(min=eps2)  # figure: -max(beta * ll, eps2)
+    gamma = 0.0 if cfg.no_gamma else cfg.gamma
+    logits = sum(terms.values()) - gamma  # [b]
+    return -F.logsigmoid(logits)  # [b]
+
+
+# ----------------------------------------------------------------------------- examples
+
+
+def chat_answer_ids(tokenizer, user: str, answer: str, span: str) -> tuple[list[int], list[int]]:
+    """Token ids of a chat with one user turn and the assistant's ``answer``, and the mask of
+    the tokens whose mean log-prob is the answer's score.
+
+    Args:
+        span: ``template`` marks the assistant header, answer and end-of-turn tokens (code);
+            ``answer`` marks the answer tokens only (figure).
+
+    Returns:
+        ``(ids, mask)`` of equal length; mask is 1 on the scored tokens.
+    """
+    user_turn = [{"role": "user", "content": user}]
+    bare = tokenizer.apply_chat_template(user_turn, tokenize=False)
+    prompt = tokenizer.apply_chat_template(user_turn, tokenize=False, add_generation_prompt=True)
+    full = tokenizer.apply_chat_template(user_turn + [{"role": "assistant", "content": answer}], tokenize=False)
+    suffix = full[len(prompt) + len(answer):] if full.startswith(prompt + answer) else ""
+
+    def enc(text):
+        return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    bare_ids, prompt_ids, answer_ids, suffix_ids = enc(bare), enc(prompt), enc(answer), enc(suffix)
+    ids = prompt_ids + answer_ids + suffix_ids
+    if span == "template" and prompt_ids[: len(bare_ids)] == bare_ids:
+        start, end = len(bare_ids), len(ids)
+    elif span == "template":
+        start, end = len(prompt_ids), len(ids)
+    else:
+        start, end = len(prompt_ids), len(prompt_ids) + len(answer_ids)
+    return ids, [int(start <= i < end) for i in range(len(ids))]
+
+
+def knowledge_rows(tokenizer, snippets: tuple[str, ...], mode: str) -> list[list[int]]:
+    """Token rows for the knowledge term: each snippet wrapped BOS + z + EOS; ``concat`` gives
+    one row of all snippets, ``per_snippet`` one row per snippet. No snippets -> one row with
+    BOS + EOS, so every example has a knowledge term."""
+    bos = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+    wrapped = [[bos] + tokenizer(z, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+               for z in snippets] or [[bos, tokenizer.eos_token_id]]
+    return wrapped if mode == "per_snippet" else [sum(wrapped, [])]
+
+
+def build_example(tokenizer, record: QARecord, pair: dict, prompts, cfg: Config) -> dict:
+    """Tokenize one sampled pair into the chosen, rejected and knowledge sequences."""
+    knowledge = tuple(pair["knowledge"])
+    chosen_ids, chosen_mask = chat_answer_ids(tokenizer, prompts.chat_prompt(record, knowledge),
+                                              record.options[pair["chosen_index"]], cfg.answer_span)
+    rejected_ids, rejected_mask = chat_answer_ids(tokenizer, prompts.chat_prompt(record, None),
+                                                  record.options[pair["rejected_index"]], cfg.answer_span)
+    return {"chosen_ids": chosen_ids, "chosen_mask": chosen_mask,
+            "rejected_ids": rejected_ids, "rejected_mask": rejected_mask,
+            "knowledge_rows": knowledge_rows(tokenizer, knowledge, cfg.knowledge_logprob),
+            "beta_D": pair["beta_D"], "beta_A": pair["beta_A"]}
+
+
+def _pad(rows: list[list[int]], value: int) -> torch.Tensor:
+    longest = max(len(r) for r in rows)
+    return torch.tensor([r + [value] * (longest - len(r)) for r in rows])
+
+
+def make_collate(pad_id: int):
+    """Collate examples into right-padded tensors.
+
+    Batch keys: ``chosen_ids``/``chosen_attention``/``chosen_mask`` ``[b, s_c]``, the same for
+    ``rejected`` ``[b, s_r]`` and ``knowledge`` ``[k, s_k]`` (k >= b rows), ``knowledge_owner``
+    ``[k]`` (the example each row belongs to), ``beta_D``/``beta_A`` ``[b]``.
+    """
+
+    def collate(examples: list[dict]) -> dict:
+        batch = {}
+        for side in ("chosen", "rejected"):
+            ids = [e[f"{side}_ids"] for e in examples]
+            batch[f"{side}_ids"] = _pad(ids, pad_id)
+            batch[f"{side}_attention"] = _pad([[1] * len(r) for r in ids], 0)
+            batch[f"{side}_mask"] = _pad([e[f"{side}_mask"] for e in examples], 0)
+        rows = [(i, r) for i, e in enumerate(examples) for r in e["knowledge_rows"]]
+        batch["knowledge_ids"] = _pad([r for _, r in rows], pad_id)
+        batch["knowledge_attention"] = _pad([[1] * len(r) for _, r in rows], 0)
+        batch["knowledge_mask"] = batch["knowledge_attention"].clone()
+        batch["knowledge_owner"] = torch.tensor([i for i, _ in rows])
+        batch["beta_D"] = torch.tensor([e["beta_D"] for e in examples], dtype=torch.float)
+        batch["beta_A"] = torch.tensor([e["beta_A"] for e in examples], dtype=torch.float)
+        return batch
+
+    return collate
+
+
+def mean_logprobs(model, ids: torch.Tensor, attention: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean log-prob of the masked tokens of each row.
+
+    Args:
+        ids, attention, mask: ``[n, s]``; ``mask`` marks the scored tokens (the first token of
+            a row is never scored: nothing predicts it).
+
+    Returns:
+        ``[n]`` mean token log-probs (nats).
+    """
+    token_lp = gather_logprobs(model(input_ids=ids, attention_mask=attention).logits, ids)  # [n, s-1]
+    m = mask[:, 1:].to(token_lp.dtype)  # [n, s-1]
+    return (token_lp * m).sum(1) / m.sum(1).clamp(min=1)
+
+
+def make_loss_fn(cfg: Config):
+    """The trainer-backend loss: one forward per sequence group that an active term needs."""
+    active = cfg.active_terms()
+
+    def loss_fn(model, batch):
+        b = batch["beta_A"].shape[0]
+        zeros = torch.zeros(b, device=batch["beta_A"].device)
+        lw = ll = lz = zeros
+        if "chosen" in active:
+            lw = mean_logprobs(model, batch["chosen_ids"], batch["chosen_attention"], batch["chosen_mask"])  # [b]
+        if "rejected" in active:
+            ll = mean_logprobs(model, batch["rejected_ids"], batch["rejected_attention"], batch["rejected_mask"])  # [b]
+        if "knowledge" in active:
+            rows = mean_logprobs(model, batch["knowledge_ids"], batch["knowledge_attention"], batch["knowledge_mask"])
+            lz = zeros.index_add(0, batch["knowledge_owner"], rows)  # [b]: sum of the example's row means
+        loss = rlag_loss(lz, lw, ll, batch["beta_D"], batch["beta_A"], cfg).mean()
+        # the reference logs information, chosen and rejected "rewards": lz, lw and -ll
+        metrics = {}
+        if "knowledge" in active:
+            metrics["reward_knowledge"] = lz.mean().item()
+        if "chosen" in active:
+            metrics["reward_chosen"] = lw.mean().item()
+        if "rejected" in active:
+            metrics["reward_rejected"] = -ll.mean().item()
+        return loss, metrics
+
+    return loss_fn
+
+
+# ----------------------------------------------------------------------------- sampling
+
+
+def sample_pairs(scorer, records: list[QARecord], cfg: Config, progress=None) -> tuple[list[dict], dict]:
+    """Sample chosen/rejected answers with the current weights (gold labels only for the
+    ``chosen_is_gold`` ablation and for the logged counts).
+
+    Returns:
+        ``(pairs, counts)``: one dict per record (ids and indices of chosen/rejected, betas,
+        the truncated knowledge, per-option token_mean scores) and the reference's counts
+        ``chosen_correct``, ``rejected_correct``, ``chosen_failure`` (chosen wrong while
+        rejected right) plus ``same``.
+    """
+    pairs = []
+    counts = {"records": len(records), "chosen_correct": 0, "rejected_correct": 0, "chosen_failure": 0, "same": 0}
+    for record in records:
+        knowledge = scorer.knowledge(record)
+        augmented = scorer.score(record, knowledge)
+        naive = scorer.score(record, None)
+        chosen = record.answer_index if cfg.chosen_is_gold else augmented.predict("token_mean")
+        rejected = naive.predict("token_mean")
+        same = chosen == rejected
+        beta_D, beta_A = cfg.betas(same)
+        counts["chosen_correct"] += chosen == record.answer_index
+        counts["rejected_correct"] += rejected == record.answer_index
+        counts["chosen_failure"] += chosen != record.answer_index and rejected == record.answer_index
+        counts["same"] += same
+        pairs.append({"id": record.id, "chosen_index": chosen, "rejected_index": rejected,
+                      "gold_index": record.answer_index, "same": same, "beta_D": beta_D, "beta_A": beta_A,
+                      "chosen": record.options[chosen], "rejected": record.options[rejected],
+                      "augmented_scores": [round(v, 5) for v in augmented.scores("token_mean")],
+                      "naive_scores": [round(v, 5) for v in naive.scores("token_mean")],
+                      "knowledge": list(knowledge)})
+        if progress is not None:
+            progress()
+    return pairs, counts
+
+
+def split_chunks(records: list[QARecord], n: int, seed: int) -> list[list[QARecord]]:
+    """Shuffle (seeded) and cut into ``n`` contiguous chunks of ceil(len / n) records."""
+    order = list(records)
+    random.Random(seed).shuffle(order)
+    size = -(-len(order) // n)
+    return [order[i * size:(i + 1) * size] for i in range(n)]
+
+
+# ----------------------------------------------------------------------------- training
+
+
+def train(ctx) -> None:
+    """Run the RLAG iterations (N chunks x T passes), resuming after the last completed one.
+
+    Per iteration it writes ``pairs/iter-XXX.jsonl``, logs the sampling counts, the three
+    reward terms and the loss to ``metrics.jsonl``, saves the model, and measures dev accuracy
+    when the recipe asks for it.
+    """
+    from kembed.runs import write_jsonl
+    from kembed.scoring import OptionScorer
+    from kembed.training import fit
+
+    cfg: Config = ctx.method_config
+    chunks = split_chunks(ctx.records, cfg.chunks, ctx.config.seed)
+    total = cfg.chunks * cfg.passes
+    collate = make_collate(ctx.tokenizer.pad_token_id)
+    loss_fn = make_loss_fn(cfg)
+    scorer = OptionScorer(ctx.model, ctx.tokenizer, ctx.placement, ctx.config.prompts)
+    by_id = {r.id: r for r in ctx.records}
+    for it in range(ctx.run.state.get("iterations_done", 0), total):
+        chunk = chunks[it % cfg.chunks]
+        name = f"iteration {it + 1}/{total}"
+        with ctx.task(f"{name}: sampling", len(chunk)) as advance:
+            pairs, counts = sample_pairs(scorer, chunk, cfg, progress=advance)
+        write_jsonl(ctx.run.path / "pairs" / f"iter-{it + 1:03d}.jsonl", pairs)
+        ctx.run.log("sampling", iteration=it + 1, **counts)
+        ctx.console.print(f"[bold]{name}[/] sampled {len(pairs)} pairs: chosen correct {counts['chosen_correct']}, "
+                          f"rejected correct {counts['rejected_correct']}, chosen wrong while rejected right "
+                          f"{counts['chosen_failure']}, same answer {counts['same']}")
+        examples = [build_example(ctx.tokenizer, by_id[p["id"]], p, ctx.config.prompts, cfg) for p in pairs]
+        ctx.fit(fit, examples, collate, loss_fn, epochs=cfg.epochs, seed=ctx.config.seed + it, label=name)
+        ctx.finish_iteration(it + 1)

@@ -1,0 +1,145 @@
+"""Run directories: everything one training run or evaluation leaves behind.
+
+A training run directory holds::
+
+    kembed-run.json     what made it (kind, method, kembed version, start time)
+    config.yaml         the resolved recipe
+    environment.json    package versions, device, precision, seed, command line
+    metrics.jsonl       one JSON object per logged event
+    state.json          progress, for --resume (completed iterations)
+    model/              the latest trained model in HF format (full weights or a LoRA adapter)
+    <method files>      e.g. pairs/iter-001.jsonl for RLAG
+
+Every file is written atomically (temporary file + rename), so an interrupted run never leaves
+a half-written file behind and never damages what an earlier iteration wrote.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import shutil
+import sys
+import tempfile
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import yaml
+
+from kembed import __version__
+from kembed.errors import KembedError
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` through a temporary file in the same folder and a rename."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def write_json(path: Path, obj) -> None:
+    """Write ``obj`` as indented JSON, atomically."""
+    write_atomic(path, json.dumps(obj, indent=2, ensure_ascii=False) + "\n")
+
+
+def write_jsonl(path: Path, rows) -> None:
+    """Write an iterable of dicts as JSON lines, atomically."""
+    write_atomic(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+
+
+def environment(placement=None, seed: int | None = None) -> dict:
+    """Versions of the packages that matter, the device, precision, seed and command line."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    versions = {}
+    for pkg in ("kembed", "torch", "transformers", "trl", "peft", "datasets", "accelerate", "gguf"):
+        try:
+            versions[pkg] = version(pkg)
+        except PackageNotFoundError:
+            versions[pkg] = None
+    env = {"python": sys.version.split()[0], "platform": platform.platform(), "packages": versions,
+           "argv": sys.argv, "cpu_count": os.cpu_count(), "seed": seed}
+    if placement is not None:
+        env.update(device=placement.device, precision=placement.precision)
+        if placement.device == "cuda":
+            import torch
+
+            env["gpu"] = torch.cuda.get_device_name()
+    return env
+
+
+class Run:
+    """One training run directory (see the module docstring for the layout).
+
+    Args:
+        path: the directory.
+        config: the resolved config (written to ``config.yaml`` by ``create``).
+    """
+
+    def __init__(self, path: Path, config: dict):
+        self.path = Path(path)
+        self.config = config
+
+    @classmethod
+    def create(cls, path: Path, config: dict, *, kind: str = "train") -> "Run":
+        """Start a new run in ``path``.
+
+        Raises:
+            KembedError: ``path`` exists and is not empty (use ``--resume`` or a new folder).
+        """
+        path = Path(path)
+        if path.exists() and any(path.iterdir()):
+            raise KembedError(f"{path} already exists and is not empty: pass --resume to continue that run "
+                              "or choose another --output")
+        path.mkdir(parents=True, exist_ok=True)
+        run = cls(path, config)
+        write_json(path / "kembed-run.json", {"kind": kind, "method": config.get("method"),
+                                              "kembed_version": __version__,
+                                              "created": datetime.now(timezone.utc).isoformat()})
+        write_atomic(path / "config.yaml", yaml.safe_dump(config, sort_keys=False))
+        return run
+
+    @classmethod
+    def open(cls, path: Path) -> "Run":
+        """Open an existing run for ``--resume``.
+
+        Raises:
+            KembedError: ``path`` is not a kembed run directory.
+        """
+        path = Path(path)
+        if not (path / "kembed-run.json").is_file() or not (path / "config.yaml").is_file():
+            raise KembedError(f"{path} is not a kembed run directory (no kembed-run.json / config.yaml)")
+        return cls(path, yaml.safe_load((path / "config.yaml").read_text()))
+
+    def log(self, event: str, **values) -> None:
+        """Append one JSON line ``{"event": ..., "time": ..., **values}`` to metrics.jsonl."""
+        row = {"event": event, "time": round(time.time(), 3), **values}
+        with open(self.path / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(row) + "\n")
+
+    @property
+    def state(self) -> dict:
+        """Progress saved by ``save_state`` (``{}`` for a fresh run)."""
+        p = self.path / "state.json"
+        return json.loads(p.read_text()) if p.is_file() else {}
+
+    def save_state(self, **state) -> None:
+        write_json(self.path / "state.json", state)
+
+    def save_model(self, model, tokenizer) -> Path:
+        """Save the model (HF format; a LoRA adapter for peft models) and tokenizer to
+        ``model/``, replacing the previous one only once the new one is complete."""
+        target = self.path / "model"
+        tmp = Path(tempfile.mkdtemp(dir=self.path, prefix=".model-"))
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        old = self.path / ".model-old"
+        if target.exists():
+            target.rename(old)
+        tmp.rename(target)
+        shutil.rmtree(old, ignore_errors=True)
+        return target

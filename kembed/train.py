@@ -1,0 +1,193 @@
+"""``kembed train``: recipe -> run directory -> model -> method -> saved model, for any method.
+
+This is the one place that loads data and models, places them, seeds, shows progress and
+writes the run directory; methods receive a ``TrainContext`` and never do these themselves.
+"""
+
+from __future__ import annotations
+
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+
+from pydantic import BaseModel
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+from kembed.config import RunConfig, apply_overrides, dump_config, load_recipe_dict, recipe_path, resolve_config
+from kembed.errors import KembedError
+from kembed.models import Placement
+from kembed.records import QARecord
+from kembed.runs import Run, environment, write_json
+
+
+@dataclass
+class TrainContext:
+    """What a method's ``train`` receives.
+
+    Attributes:
+        run: the run directory (``run.state`` says how far an interrupted run got).
+        config: the method-independent recipe fields.
+        method_config: the method's own recipe section, validated.
+        placement: device and precision.
+        model, tokenizer: the policy (already resumed from ``run/model`` when resuming).
+        records: the training split (``limit`` applied).
+        dev_records: the records of ``config.eval.split`` for accuracy after each iteration.
+        console: where to print.
+        progress: the run's rich progress display.
+    """
+
+    run: Run
+    config: RunConfig
+    method_config: BaseModel
+    placement: Placement
+    model: object
+    tokenizer: object
+    records: list[QARecord]
+    dev_records: list[QARecord] = field(default_factory=list)
+    console: Console = field(default_factory=Console)
+    progress: Progress | None = None
+
+    @contextmanager
+    def task(self, description: str, total: int):
+        """A progress bar for ``total`` units of work; yields the function that advances it."""
+        task_id = self.progress.add_task(description, total=total)
+        try:
+            yield lambda n=1: self.progress.advance(task_id, n)
+        finally:
+            self.progress.remove_task(task_id)
+
+    def fit(self, examples: list[dict], collate, loss_fn, *, epochs: float, seed: int, label: str) -> dict:
+        """Train on ``examples`` through the shared backend, logging every step to metrics.jsonl."""
+        from kembed.training import fit
+
+        task_id = self.progress.add_task(f"{label}: training", total=None)
+
+        def on_step(step, total):
+            self.progress.update(task_id, completed=step, total=total)
+
+        def on_log(step, logs):
+            self.run.log("train", label=label, step=step, **logs)
+
+        try:
+            metrics = fit(self.model, examples, collate, loss_fn, self.config.train, self.placement,
+                          epochs=epochs, seed=seed, on_log=on_log, on_step=on_step)
+        finally:
+            self.progress.remove_task(task_id)
+        self.console.print(f"[bold]{label}[/] trained on {len(examples)} examples: "
+                           f"loss {metrics.get('train_loss', float('nan')):.4f} in {metrics.get('train_runtime', 0):.0f}s")
+        return metrics
+
+    def finish_iteration(self, done: int) -> None:
+        """Save the model, measure dev accuracy if configured, and record progress (``done``
+        iterations completed) so that ``--resume`` continues after it."""
+        self.run.save_model(self.model, self.tokenizer)
+        values = {"iteration": done}
+        if self.dev_records:
+            from kembed.evaluate import score_records, summarize
+            from kembed.scoring import OptionScorer
+
+            scorer = OptionScorer(self.model, self.tokenizer, self.placement, self.config.prompts)
+            with self.task(f"dev accuracy after iteration {done}", len(self.dev_records)) as advance:
+                summary = summarize(score_records(scorer, self.dev_records, "closed-book", advance))
+            values["dev_accuracy"] = summary["accuracy"]
+            values["dev_ci95"] = summary["ci95"]
+            self.console.print(f"  dev closed-book accuracy (token_mean): {100 * summary['accuracy']['token_mean']:.1f}%"
+                               f" on {summary['n']} questions")
+        self.run.log("iteration_end", **values)
+        self.run.save_state(iterations_done=done)
+
+
+def prepare_config(method: str, recipe: str | None, overrides: list[str], *, domain: str | None = None,
+                   limit: int | None = None, data_dir: str | None = None) -> tuple[RunConfig, BaseModel, dict]:
+    """Resolve a recipe plus command-line options into validated configs.
+
+    Returns:
+        ``(run_config, method_config, resolved_dict)``.
+
+    Raises:
+        ConfigError: unknown keys or bad values; a recipe made for another method.
+    """
+    from kembed.methods import get_method
+
+    module = get_method(method)
+    path = recipe_path(method, recipe)
+    data = load_recipe_dict(path)
+    data.setdefault("method", method)
+    if data["method"] != method:
+        raise KembedError(f"{path} is a recipe for '{data['method']}', not '{method}'")
+    cli = {"domain": domain, "limit": limit, "data_dir": data_dir}
+    data.update({k: v for k, v in cli.items() if v is not None})
+    apply_overrides(data, overrides)
+    run_cfg, method_cfg = resolve_config(data, module.Config, str(path))
+    return run_cfg, method_cfg, dump_config(run_cfg, method_cfg)
+
+
+def default_output(run_cfg: RunConfig) -> Path:
+    """``runs/<method>-<domain>-<YYYYmmdd-HHMMSS>``."""
+    return Path("runs") / f"{run_cfg.method}-{run_cfg.domain}-{datetime.now():%Y%m%d-%H%M%S}"
+
+
+def train(method: str, *, recipe: str | None = None, overrides: list[str] = (), output: str | None = None,
+          domain: str | None = None, limit: int | None = None, data_dir: str | None = None,
+          resume: bool = False, console: Console | None = None) -> Path:
+    """Train ``method`` as the recipe says and return the run directory.
+
+    With ``resume``, ``output`` must be an existing run; its saved config is used and training
+    continues after its last completed iteration.
+
+    Raises:
+        KembedError (and subclasses): bad recipe, data, model or run directory.
+    """
+    from transformers import set_seed
+
+    from kembed.data import load_records
+    from kembed.methods import get_method
+    from kembed.models import choose_placement, load_model, load_tokenizer
+
+    console = console or Console()
+    if resume:
+        if output is None:
+            raise KembedError("--resume needs --output: the run directory to continue")
+        run = Run.open(Path(output))
+        saved = dict(run.config)
+        run_cfg, method_cfg = resolve_config(saved, get_method(saved["method"]).Config, str(run.path / "config.yaml"))
+        if run_cfg.method != method:
+            raise KembedError(f"{output} is a '{run_cfg.method}' run, not '{method}'")
+        if overrides or recipe or domain or limit is not None:
+            console.print("[yellow]--resume uses the run's saved config; recipe, --domain, --limit and "
+                          "key=value overrides are ignored[/]")
+    else:
+        run_cfg, method_cfg, resolved = prepare_config(method, recipe, list(overrides), domain=domain,
+                                                       limit=limit, data_dir=data_dir)
+        run = Run.create(Path(output) if output else default_output(run_cfg), resolved)
+    module = get_method(method)
+
+    records = load_records(run_cfg.domain, "train", run_cfg.data_dir, limit=run_cfg.limit)
+    dev = []
+    if run_cfg.eval.split:
+        dev = load_records(run_cfg.domain, run_cfg.eval.split, run_cfg.data_dir, limit=run_cfg.eval.limit)
+    placement = choose_placement(run_cfg.device, run_cfg.precision)
+    set_seed(run_cfg.seed)
+    resuming = resume and run.state.get("iterations_done", 0) > 0
+    model_source = str(run.path) if resuming else run_cfg.model
+    tokenizer = load_tokenizer(model_source)
+    lora = run_cfg.train.lora.model_dump() if run_cfg.train.lora and not resuming else None
+    model = load_model(model_source, placement, lora=lora, trainable=True)
+    write_json(run.path / "environment.json", environment(placement, run_cfg.seed))
+    run.log("start", resume=resume, records=len(records), dev_records=len(dev),
+            device=placement.device, precision=placement.precision)
+    console.print(f"[bold]kembed train {method}[/] on {run_cfg.domain}: {len(records)} training records, "
+                  f"model {run_cfg.model}, {placement.device}/{placement.precision}, run {run.path}"
+                  + (f" (resuming after iteration {run.state['iterations_done']})" if resuming else ""))
+    start = time.time()
+    progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                        TimeElapsedColumn(), TimeRemainingColumn(), console=console)
+    ctx = TrainContext(run, run_cfg, method_cfg, placement, model, tokenizer, records, dev, console, progress)
+    with progress:
+        module.train(ctx)
+    run.log("end", seconds=round(time.time() - start, 1))
+    console.print(f"[green]done[/] in {time.time() - start:.0f}s: model saved in {run.path / 'model'}")
+    return run.path

@@ -1,0 +1,127 @@
+"""The trainer backend every method trains through: a ``transformers.Trainer`` whose loss a
+method supplies, configured from the recipe's ``train`` section.
+
+The backend owns the optimiser (AdamW), the LR schedule, gradient accumulation and clipping,
+precision (bf16 autocast when the placement says so), seeding, progress display and metric
+logging into the run directory. A method supplies examples, a collator and a loss function.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from collections import defaultdict
+from typing import Callable
+
+import torch
+from transformers import Trainer, TrainerCallback, TrainingArguments
+
+from kembed.config import TrainConfig
+from kembed.models import Placement
+
+#: ``loss_fn(model, batch) -> (loss, metrics)``: a scalar loss tensor and floats to log.
+LossFn = Callable[[torch.nn.Module, dict], tuple[torch.Tensor, dict[str, float]]]
+
+
+class ListDataset(torch.utils.data.Dataset):
+    """A map-style dataset over a list of already-tokenized examples."""
+
+    def __init__(self, examples: list[dict]):
+        self.examples = examples
+
+    def __len__(self):
+        return len(self.examples)
+
+    def __getitem__(self, i):
+        return self.examples[i]
+
+
+class MethodTrainer(Trainer):
+    """A ``Trainer`` whose loss comes from the method (``loss_fn``); the floats the loss
+    function returns are averaged between logging steps and logged next to the loss."""
+
+    def __init__(self, *args, loss_fn: LossFn, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.loss_fn = loss_fn
+        self.loss_is_scaled_for_ga = False  # our loss is a per-micro-batch mean: scale it for GA
+        self._pending = defaultdict(list)
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        loss, metrics = self.loss_fn(model, inputs)
+        for key, value in metrics.items():
+            self._pending[key].append(value)
+        return (loss, None) if return_outputs else loss
+
+    def log(self, logs: dict, *args, **kwargs) -> None:
+        if "loss" in logs and self._pending:
+            logs.update({k: sum(v) / len(v) for k, v in self._pending.items()})
+            self._pending.clear()
+        super().log(logs, *args, **kwargs)
+
+
+class _RunLogger(TrainerCallback):
+    """Sends each training log to ``on_log(step, logs)`` and advances a progress callback."""
+
+    def __init__(self, on_log, on_step):
+        self.on_log, self.on_step = on_log, on_step
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if self.on_log and logs:
+            self.on_log(state.global_step, dict(logs))
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.on_step:
+            self.on_step(state.global_step, state.max_steps)
+
+
+def fit(model, examples: list[dict], collate: Callable[[list[dict]], dict], loss_fn: LossFn,
+        cfg: TrainConfig, placement: Placement, *, epochs: float, seed: int,
+        on_log: Callable[[int, dict], None] | None = None,
+        on_step: Callable[[int, int], None] | None = None) -> dict:
+    """Train ``model`` in place on ``examples`` with a fresh optimiser and LR schedule.
+
+    Args:
+        model: the policy (HF or peft model) on ``placement.device``.
+        examples: tokenized examples; ``collate`` turns a list of them into a batch dict.
+        loss_fn: the method's loss (see ``LossFn``).
+        cfg: the recipe's ``train`` section.
+        placement: device and precision.
+        epochs: passes over ``examples``.
+        seed: seeds the shuffling and any randomness of the step.
+        on_log: called with (global step, logged values) at every optimiser step.
+        on_step: called with (global step, total steps) for progress display.
+
+    Returns:
+        The final ``TrainOutput.metrics`` (train_loss, train_runtime, ...).
+    """
+    with tempfile.TemporaryDirectory(prefix="kembed-trainer-") as scratch:
+        args = TrainingArguments(
+            output_dir=scratch,
+            per_device_train_batch_size=cfg.batch_size,
+            gradient_accumulation_steps=cfg.grad_accum,
+            learning_rate=cfg.learning_rate,
+            lr_scheduler_type=cfg.lr_scheduler,
+            warmup_steps=cfg.warmup_ratio,  # a float below 1 is a ratio of the total steps
+            max_grad_norm=cfg.max_grad_norm,
+            weight_decay=cfg.weight_decay,
+            adam_beta2=cfg.adam_beta2,
+            num_train_epochs=epochs,
+            seed=seed,
+            data_seed=seed,
+            bf16=placement.precision == "bf16",
+            use_cpu=placement.device == "cpu",
+            logging_steps=1,
+            save_strategy="no",
+            report_to="none",
+            disable_tqdm=True,
+            remove_unused_columns=False,
+            dataloader_num_workers=0,
+        )
+        trainer = MethodTrainer(model=model, args=args, train_dataset=ListDataset(examples),
+                                data_collator=collate, loss_fn=loss_fn,
+                                callbacks=[_RunLogger(on_log, on_step)])
+        # the trainer's default console printer duplicates our own logging
+        from transformers.trainer_callback import PrinterCallback, ProgressCallback
+
+        trainer.remove_callback(PrinterCallback)
+        trainer.remove_callback(ProgressCallback)
+        return trainer.train().metrics

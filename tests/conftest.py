@@ -1,0 +1,78 @@
+"""Shared fixtures: a tiny Llama model and a byte-level BPE tokenizer built in code (no Hub)."""
+
+from __future__ import annotations
+
+import pytest
+
+from kembed.records import QARecord
+
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+CORPUS = [
+    "The Eiffel Tower is in Paris, the capital of France.",
+    "Mercury is the planet closest to the Sun.",
+    "Aspirin inhibits cyclooxygenase; penicillin blocks cell wall synthesis.",
+    "The court held that the contract was void for lack of consideration.",
+    "Which of the following is correct? Answer: A B C D E",
+]
+
+
+def make_records(n: int = 6, domain: str = "toy", split: str = "train") -> list[QARecord]:
+    """Small QA records with knowledge snippets, made up for the tests."""
+    facts = [
+        ("Where is the Eiffel Tower?", ("Paris", "Rome", "Berlin"), 0, ("The Eiffel Tower is in Paris.",)),
+        ("Which planet is closest to the Sun?", ("Venus", "Mercury", "Mars"), 1,
+         ("Mercury is the planet closest to the Sun.", "Venus is the second planet.")),
+        ("What does penicillin block?", ("DNA synthesis", "protein synthesis", "cell wall synthesis"), 2,
+         ("Penicillin blocks cell wall synthesis.",)),
+    ]
+    records = []
+    for i in range(n):
+        q, opts, gold, ctx = facts[i % len(facts)]
+        records.append(QARecord(f"{split}-{i}", domain, split, f"{q} ({i})", opts,
+                                tuple("ABCDE"[: len(opts)]), gold, ctx))
+    return records
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer():
+    from tokenizers import ByteLevelBPETokenizer
+    from transformers import PreTrainedTokenizerFast
+
+    bpe = ByteLevelBPETokenizer()
+    bpe.train_from_iterator(CORPUS * 4, vocab_size=400, min_frequency=1,
+                            special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"])
+    tok = PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token="<|im_start|>", eos_token="<|im_end|>",
+                                  pad_token="<|endoftext|>", unk_token="<|endoftext|>")
+    tok.chat_template = CHAT_TEMPLATE
+    return tok
+
+
+def build_tiny_model(tokenizer, seed: int = 0):
+    """A 2-layer Llama with hidden size 32 and fixed initialisation."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                         pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=True)
+    return LlamaForCausalLM(config).eval()
+
+
+@pytest.fixture
+def tiny_model(tiny_tokenizer):
+    return build_tiny_model(tiny_tokenizer)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, tiny_tokenizer):
+    """The tiny model and tokenizer saved as an HF model directory."""
+    path = tmp_path_factory.mktemp("tiny-model")
+    build_tiny_model(tiny_tokenizer).save_pretrained(path)
+    tiny_tokenizer.save_pretrained(path)
+    return path
