@@ -61,16 +61,16 @@ class MethodTrainer(Trainer):
 class _RunLogger(TrainerCallback):
     """Sends each training log to ``on_log(step, logs)`` and advances a progress callback."""
 
-    def __init__(self, on_log, on_step):
-        self.on_log, self.on_step = on_log, on_step
+    def __init__(self, log_fn, step_fn):
+        self.log_fn, self.step_fn = log_fn, step_fn
 
     def on_log(self, args, state, control, logs=None, **kwargs):
-        if self.on_log and logs:
-            self.on_log(state.global_step, dict(logs))
+        if self.log_fn and logs:
+            self.log_fn(state.global_step, dict(logs))
 
     def on_step_end(self, args, state, control, **kwargs):
-        if self.on_step:
-            self.on_step(state.global_step, state.max_steps)
+        if self.step_fn:
+            self.step_fn(state.global_step, state.max_steps)
 
 
 def fit(model, examples: list[dict], collate: Callable[[list[dict]], dict], loss_fn: LossFn,

@@ -257,29 +257,37 @@ def mean_logprobs(model, ids: torch.Tensor, attention: torch.Tensor, mask: torch
 
 
 def make_loss_fn(cfg: Config):
-    """The trainer-backend loss: one forward per sequence group that an active term needs."""
+    """The trainer-backend loss: one forward per sequence group that an active term needs.
+
+    Examples with beta_A = 0 (chosen == rejected under dynamic beta) skip the chosen and
+    rejected forwards: their terms are constants there (0, or eps1 for ``after_beta``), so the
+    loss and its gradient are exactly those of the full computation. The logged chosen and
+    rejected rewards are means over the examples that were computed.
+    """
     active = cfg.active_terms()
 
+    def group_logprobs(model, batch, side, rows):
+        ids, attention = batch[f"{side}_ids"][rows], batch[f"{side}_attention"][rows]
+        width = int(attention.sum(1).max())  # drop columns that are padding in every kept row
+        return mean_logprobs(model, ids[:, :width], attention[:, :width], batch[f"{side}_mask"][rows, :width])
+
     def loss_fn(model, batch):
-        b = batch["beta_A"].shape[0]
-        zeros = torch.zeros(b, device=batch["beta_A"].device)
-        lw = ll = lz = zeros
-        if "chosen" in active:
-            lw = mean_logprobs(model, batch["chosen_ids"], batch["chosen_attention"], batch["chosen_mask"])  # [b]
-        if "rejected" in active:
-            ll = mean_logprobs(model, batch["rejected_ids"], batch["rejected_attention"], batch["rejected_mask"])  # [b]
-        if "knowledge" in active:
-            rows = mean_logprobs(model, batch["knowledge_ids"], batch["knowledge_attention"], batch["knowledge_mask"])
-            lz = zeros.index_add(0, batch["knowledge_owner"], rows)  # [b]: sum of the example's row means
-        loss = rlag_loss(lz, lw, ll, batch["beta_D"], batch["beta_A"], cfg).mean()
-        # the reference logs information, chosen and rejected "rewards": lz, lw and -ll
+        zeros = torch.zeros_like(batch["beta_A"])  # [b]
+        lw, ll, lz = zeros, zeros, zeros
         metrics = {}
+        answered = (batch["beta_A"] != 0).nonzero().squeeze(1)  # examples whose answer terms matter
+        if "chosen" in active and len(answered):
+            lw = zeros.index_put((answered,), group_logprobs(model, batch, "chosen", answered))  # [b]
+            metrics["reward_chosen"] = lw[answered].mean().item()
+        if "rejected" in active and len(answered):
+            ll = zeros.index_put((answered,), group_logprobs(model, batch, "rejected", answered))  # [b]
+            metrics["reward_rejected"] = -ll[answered].mean().item()  # the reference logs -ll
         if "knowledge" in active:
+            every = torch.arange(batch["knowledge_ids"].shape[0], device=batch["knowledge_ids"].device)
+            rows = group_logprobs(model, batch, "knowledge", every)  # [k]
+            lz = zeros.index_add(0, batch["knowledge_owner"], rows)  # [b]: sum of each example's rows
             metrics["reward_knowledge"] = lz.mean().item()
-        if "chosen" in active:
-            metrics["reward_chosen"] = lw.mean().item()
-        if "rejected" in active:
-            metrics["reward_rejected"] = -ll.mean().item()
+        loss = rlag_loss(lz, lw, ll, batch["beta_D"], batch["beta_A"], cfg).mean()
         return loss, metrics
 
     return loss_fn
@@ -343,8 +351,6 @@ def train(ctx) -> None:
     """
     from kembed.runs import write_jsonl
     from kembed.scoring import OptionScorer
-    from kembed.training import fit
-
     cfg: Config = ctx.method_config
     chunks = split_chunks(ctx.records, cfg.chunks, ctx.config.seed)
     total = cfg.chunks * cfg.passes
@@ -363,5 +369,5 @@ def train(ctx) -> None:
                           f"rejected correct {counts['rejected_correct']}, chosen wrong while rejected right "
                           f"{counts['chosen_failure']}, same answer {counts['same']}")
         examples = [build_example(ctx.tokenizer, by_id[p["id"]], p, ctx.config.prompts, cfg) for p in pairs]
-        ctx.fit(fit, examples, collate, loss_fn, epochs=cfg.epochs, seed=ctx.config.seed + it, label=name)
+        ctx.fit(examples, collate, loss_fn, epochs=cfg.epochs, seed=ctx.config.seed + it, label=name)
         ctx.finish_iteration(it + 1)

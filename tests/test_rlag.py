@@ -1,0 +1,210 @@
+"""RLAG: the loss against a direct transcription of the formula, every switch's effect, the
+example builder, sampling and one training step."""
+
+import math
+
+import pytest
+import torch
+
+from conftest import make_records
+from kembed.config import ConfigError, resolve_config
+from kembed.methods import rlag
+from kembed.methods.rlag import Config, build_example, chat_answer_ids, knowledge_rows, make_collate, make_loss_fn, rlag_loss
+from kembed.models import Placement
+from kembed.prompts import PromptFormat
+from kembed.scoring import OptionScores
+
+LZ = [-2.0, -1.0, -3.5, -0.5]
+LW = [-0.1, -0.8, -2.0, -0.05]
+LL = [-6.0, -1.5, -0.3, -4.0]
+BETA_D = [0.2, 0.5, 0.2, 0.2]
+BETA_A = [0.5, 0.0, 0.5, 0.5]
+
+
+def transcription(cfg: Config, clip="before", terms=("knowledge", "chosen", "rejected"), gamma=None):
+    """The loss, written out element by element from methods.md / the paper figure."""
+    gamma = cfg.gamma if gamma is None else gamma
+    out = []
+    for lz, lw, ll, bd, ba in zip(LZ, LW, LL, BETA_D, BETA_A):
+        if clip == "before":
+            chosen, rejected = ba * min(lw, -0.2), ba * max(ll, -5.0)
+        elif clip == "after":
+            chosen, rejected = min(ba * lw, -0.2), max(ba * ll, -5.0)
+        else:
+            chosen, rejected = ba * lw, ba * ll
+        x = {"knowledge": bd * lz, "chosen": chosen, "rejected": -rejected}
+        z = sum(x[t] for t in terms) - gamma
+        out.append(-math.log(1 / (1 + math.exp(-z))))
+    return out
+
+
+def loss_of(cfg):
+    t = torch.tensor
+    return rlag_loss(t(LZ), t(LW), t(LL), t(BETA_D), t(BETA_A), cfg).tolist()
+
+
+def test_default_loss_is_the_formula():
+    cfg = Config()
+    assert loss_of(cfg) == pytest.approx(transcription(cfg), abs=1e-6)
+
+
+SWITCHES = {
+    "no_rejected": dict(terms=("knowledge", "chosen")),
+    "no_knowledge": dict(terms=("chosen", "rejected")),
+    "no_gamma": dict(gamma=0.0),
+    "no_clip": dict(clip="none"),
+    "pure_chosen": dict(terms=("chosen",)),
+    "pure_knowledge": dict(terms=("knowledge",)),
+    "pure_rejected": dict(terms=("rejected",)),
+}
+
+
+@pytest.mark.parametrize("switch", sorted(SWITCHES))
+def test_each_ablation_switch_changes_the_loss_as_written(switch):
+    cfg = Config(**{switch: True})
+    assert loss_of(cfg) == pytest.approx(transcription(cfg, **SWITCHES[switch]), abs=1e-6)
+    assert loss_of(cfg) != pytest.approx(loss_of(Config()), abs=1e-4)
+
+
+def test_clip_after_beta_is_the_figure_variant():
+    cfg = Config(clip_order="after_beta")
+    assert loss_of(cfg) == pytest.approx(transcription(cfg, clip="after"), abs=1e-6)
+    assert loss_of(cfg) != pytest.approx(loss_of(Config()), abs=1e-4)
+
+
+def test_dynamic_and_fixed_beta():
+    assert Config().betas(same=True) == (0.5, 0.0)
+    assert Config().betas(same=False) == (0.2, 0.5)
+    assert Config(fixed_beta=True).betas(same=True) == (0.2, 0.5)
+
+
+def test_conflicting_switches_are_config_errors():
+    with pytest.raises(ValueError):
+        Config(pure_chosen=True, pure_rejected=True)
+    with pytest.raises(ConfigError, match="rlag.gama"):
+        resolve_config({"method": "rlag", "rlag": {"gama": 1}}, Config, "recipe.yaml")
+
+
+def test_answer_span_template_vs_answer(tiny_tokenizer):
+    ids, mask = chat_answer_ids(tiny_tokenizer, "Where is the tower?", "Paris", "answer")
+    assert tiny_tokenizer.decode([i for i, m in zip(ids, mask) if m]) == "Paris"
+    ids, mask = chat_answer_ids(tiny_tokenizer, "Where is the tower?", "Paris", "template")
+    scored = tiny_tokenizer.decode([i for i, m in zip(ids, mask) if m])
+    assert scored == "<|im_start|>assistant\nParis<|im_end|>\n"
+    assert tiny_tokenizer.decode(ids).startswith("<|im_start|>user\nWhere is the tower?")
+
+
+def test_knowledge_rows_concat_and_per_snippet(tiny_tokenizer):
+    snippets = ("Mercury is closest.", "Venus is second.")
+    concat = knowledge_rows(tiny_tokenizer, snippets, "concat")
+    per = knowledge_rows(tiny_tokenizer, snippets, "per_snippet")
+    assert len(concat) == 1 and len(per) == 2 and concat[0] == per[0] + per[1]
+    bos, eos = tiny_tokenizer.bos_token_id, tiny_tokenizer.eos_token_id
+    assert all(r[0] == bos and r[-1] == eos for r in per)
+
+
+def _batch(tokenizer, cfg, same=(False, True, False)):
+    records = make_records(3)
+    examples = []
+    for record, s in zip(records, same):
+        chosen = record.answer_index
+        rejected = chosen if s else (chosen + 1) % len(record.options)
+        beta_D, beta_A = cfg.betas(s)
+        pair = {"chosen_index": chosen, "rejected_index": rejected, "knowledge": list(record.knowledge),
+                "beta_D": beta_D, "beta_A": beta_A}
+        examples.append(build_example(tokenizer, record, pair, PromptFormat(), cfg))
+    return make_collate(tokenizer.pad_token_id)(examples)
+
+
+def _direct_loss(model, batch, cfg):
+    """No skipping, no helper: every sequence scored, then the formula."""
+
+    def mean_lp(ids, att, mask):
+        logp = model(input_ids=ids, attention_mask=att).logits[:, :-1].log_softmax(-1)
+        lp = logp.gather(-1, ids[:, 1:, None]).squeeze(-1)
+        m = mask[:, 1:].float()
+        return (lp * m).sum(1) / m.sum(1)
+
+    lw = mean_lp(batch["chosen_ids"], batch["chosen_attention"], batch["chosen_mask"])
+    ll = mean_lp(batch["rejected_ids"], batch["rejected_attention"], batch["rejected_mask"])
+    rows = mean_lp(batch["knowledge_ids"], batch["knowledge_attention"], batch["knowledge_mask"])
+    lz = torch.zeros(len(lw)).index_add(0, batch["knowledge_owner"], rows)
+    return rlag_loss(lz, lw, ll, batch["beta_D"], batch["beta_A"], cfg).mean()
+
+
+@pytest.mark.parametrize("options", [{}, {"clip_order": "after_beta"}, {"knowledge_logprob": "per_snippet"}])
+def test_loss_fn_equals_direct_computation_and_gradient(tiny_model, tiny_tokenizer, options):
+    cfg = Config(**options)
+    batch = _batch(tiny_tokenizer, cfg)
+    loss, metrics = make_loss_fn(cfg)(tiny_model, batch)
+    grads = torch.autograd.grad(loss, list(tiny_model.parameters()))
+    direct = _direct_loss(tiny_model, batch, cfg)
+    direct_grads = torch.autograd.grad(direct, list(tiny_model.parameters()))
+    assert loss.item() == pytest.approx(direct.item(), abs=1e-5)
+    for g, d in zip(grads, direct_grads):
+        assert torch.allclose(g, d, atol=1e-5)
+    assert set(metrics) == {"reward_knowledge", "reward_chosen", "reward_rejected"}
+
+
+def test_per_snippet_knowledge_changes_the_loss(tiny_model, tiny_tokenizer):
+    a = make_loss_fn(Config())(tiny_model, _batch(tiny_tokenizer, Config()))[0]
+    cfg = Config(knowledge_logprob="per_snippet")
+    b = make_loss_fn(cfg)(tiny_model, _batch(tiny_tokenizer, cfg))[0]
+    assert a.item() != pytest.approx(b.item(), abs=1e-5)
+
+
+def test_answer_span_changes_the_loss(tiny_model, tiny_tokenizer):
+    a = make_loss_fn(Config())(tiny_model, _batch(tiny_tokenizer, Config()))[0]
+    cfg = Config(answer_span="answer")
+    b = make_loss_fn(cfg)(tiny_model, _batch(tiny_tokenizer, cfg))[0]
+    assert a.item() != pytest.approx(b.item(), abs=1e-5)
+
+
+class FixedScorer:
+    """Augmented scores prefer option 0, naive scores prefer option 1."""
+
+    def knowledge(self, record):
+        return record.knowledge
+
+    def score(self, record, knowledge):
+        best = 0 if knowledge is not None else 1
+        values = [-1.0 - (i != best) for i in range(len(record.options))]
+        return OptionScores(values, [1] * len(values), [1] * len(values))
+
+
+def test_sampling_pairs_and_counts():
+    records = make_records(3)  # gold indices 0, 1, 2
+    pairs, counts = rlag.sample_pairs(FixedScorer(), records, Config())
+    assert [(p["chosen_index"], p["rejected_index"]) for p in pairs] == [(0, 1)] * 3
+    assert counts == {"records": 3, "chosen_correct": 1, "rejected_correct": 1, "chosen_failure": 1, "same": 0}
+    assert all((p["beta_D"], p["beta_A"]) == (0.2, 0.5) for p in pairs)
+    gold, counts = rlag.sample_pairs(FixedScorer(), records, Config(chosen_is_gold=True))
+    assert [p["chosen_index"] for p in gold] == [0, 1, 2]
+    assert gold[1]["same"] and (gold[1]["beta_D"], gold[1]["beta_A"]) == (0.5, 0.0)
+    assert counts["chosen_correct"] == 3
+
+
+def test_split_chunks_is_seeded_and_complete():
+    records = make_records(10)
+    chunks = rlag.split_chunks(records, 3, seed=1)
+    assert [len(c) for c in chunks] == [4, 4, 2]
+    assert sorted(r.id for c in chunks for r in c) == sorted(r.id for r in records)
+    assert chunks == rlag.split_chunks(records, 3, seed=1) != rlag.split_chunks(records, 3, seed=2)
+
+
+def test_a_training_step_moves_the_weights(tiny_model, tiny_tokenizer):
+    from kembed.config import TrainConfig
+    from kembed.training import fit
+
+    cfg = Config()
+    records = make_records(4)
+    pairs = [{"chosen_index": r.answer_index, "rejected_index": (r.answer_index + 1) % 3, "knowledge": list(r.knowledge),
+              "beta_D": 0.2, "beta_A": 0.5} for r in records]
+    examples = [build_example(tiny_tokenizer, r, p, PromptFormat(), cfg) for r, p in zip(records, pairs)]
+    before = [p.detach().clone() for p in tiny_model.parameters()]
+    logs = []
+    fit(tiny_model, examples, make_collate(tiny_tokenizer.pad_token_id), make_loss_fn(cfg),
+        TrainConfig(learning_rate=1e-2, batch_size=2, warmup_ratio=0.0), Placement("cpu", "fp32"),
+        epochs=1, seed=0, on_log=lambda step, values: logs.append(values))
+    assert any(not torch.equal(a, b) for a, b in zip(before, tiny_model.parameters()))
+    assert "reward_chosen" in logs[0] and "loss" in logs[0]
