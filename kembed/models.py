@@ -16,6 +16,7 @@ import importlib.util
 import json
 import os
 import shutil
+import sys
 import tempfile
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -121,8 +122,11 @@ def materialize_builtin(name: str) -> Path:
     if (target / "config.json").is_file():
         return target
     from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
 
     gguf = _builtin_gguf(name)
+    hf_logging.disable_progress_bar()
+    print(f"kembed: de-quantizing {gguf.name} into {target} (first load only)", file=sys.stderr)
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name)
     # the weights are plain fp32 tensors now; drop the GGUF quantizer so they can be saved
@@ -218,6 +222,9 @@ def load_model(model: str, placement: Placement, *, lora: dict | None = None, tr
 
 
 def _from_pretrained(cls, source):
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # kembed shows its own progress
     allow = os.environ.get("KEMBED_ALLOW_DOWNLOAD") == "1"
     try:
         return cls.from_pretrained(source, local_files_only=not allow)

