@@ -105,7 +105,7 @@ def logprob_sums_shared_prefix(model, prefix_ids: list[int], option_ids: list[li
     which run together as one right-padded batch ``[L, M]`` on top of the cache.
     """
     prefix = torch.tensor([prefix_ids], device=device)  # [1, P]
-    out = model(input_ids=prefix, use_cache=True)
+    out = model(input_ids=prefix, use_cache=True, logits_to_keep=1)  # only the last position is needed
     first_logp = out.logits[0, -1].float().log_softmax(-1)  # [v]: distribution of option token 0
     n_opt, longest, P = len(option_ids), max(len(o) for o in option_ids), len(prefix_ids)
     ids = torch.zeros(n_opt, longest, dtype=torch.long, device=device)  # [L, M], pad = 0

@@ -103,7 +103,7 @@ def test_knowledge_rows_concat_and_per_snippet(tiny_tokenizer):
     assert all(r[0] == bos and r[-1] == eos for r in per)
 
 
-def _batch(tokenizer, cfg, same=(False, True, False)):
+def _examples(tokenizer, cfg, same=(False, True, False)):
     records = make_records(3)
     examples = []
     for record, s in zip(records, same):
@@ -113,32 +113,38 @@ def _batch(tokenizer, cfg, same=(False, True, False)):
         pair = {"chosen_index": chosen, "rejected_index": rejected, "knowledge": list(record.knowledge),
                 "beta_D": beta_D, "beta_A": beta_A}
         examples.append(build_example(tokenizer, record, pair, PromptFormat(), cfg))
-    return make_collate(tokenizer.pad_token_id)(examples)
+    return examples
 
 
-def _direct_loss(model, batch, cfg):
-    """No skipping, no helper: every sequence scored, then the formula."""
-
-    def mean_lp(ids, att, mask):
-        logp = model(input_ids=ids, attention_mask=att).logits[:, :-1].log_softmax(-1)
-        lp = logp.gather(-1, ids[:, 1:, None]).squeeze(-1)
-        m = mask[:, 1:].float()
-        return (lp * m).sum(1) / m.sum(1)
-
-    lw = mean_lp(batch["chosen_ids"], batch["chosen_attention"], batch["chosen_mask"])
-    ll = mean_lp(batch["rejected_ids"], batch["rejected_attention"], batch["rejected_mask"])
-    rows = mean_lp(batch["knowledge_ids"], batch["knowledge_attention"], batch["knowledge_mask"])
-    lz = torch.zeros(len(lw)).index_add(0, batch["knowledge_owner"], rows)
-    return rlag_loss(lz, lw, ll, batch["beta_D"], batch["beta_A"], cfg).mean()
+def _batch(tokenizer, cfg):
+    return make_collate(tokenizer.pad_token_id)(_examples(tokenizer, cfg))
 
 
-@pytest.mark.parametrize("options", [{}, {"clip_order": "after_beta"}, {"knowledge_logprob": "per_snippet"}])
+def _direct_loss(model, examples, cfg):
+    """No batching, no padding, no skipping: every sequence scored alone, then the formula."""
+
+    def mean_lp(ids, mask):
+        ids = torch.tensor([ids])
+        lp = model(input_ids=ids).logits[:, :-1].log_softmax(-1).gather(-1, ids[:, 1:, None]).squeeze(-1)[0]
+        m = torch.tensor(mask[1:], dtype=torch.float)
+        return (lp * m).sum() / m.sum()
+
+    lw = torch.stack([mean_lp(e["chosen_ids"], e["chosen_mask"]) for e in examples])
+    ll = torch.stack([mean_lp(e["rejected_ids"], e["rejected_mask"]) for e in examples])
+    lz = torch.stack([sum(mean_lp(r, [1] * len(r)) for r in e["knowledge_rows"]) for e in examples])
+    beta_D = torch.tensor([e["beta_D"] for e in examples])
+    beta_A = torch.tensor([e["beta_A"] for e in examples])
+    return rlag_loss(lz, lw, ll, beta_D, beta_A, cfg).mean()
+
+
+@pytest.mark.parametrize("options", [{}, {"clip_order": "after_beta"}, {"knowledge_logprob": "per_snippet"},
+                                     {"answer_span": "answer"}, {"fixed_beta": True}])
 def test_loss_fn_equals_direct_computation_and_gradient(tiny_model, tiny_tokenizer, options):
     cfg = Config(**options)
-    batch = _batch(tiny_tokenizer, cfg)
-    loss, metrics = make_loss_fn(cfg)(tiny_model, batch)
+    examples = _examples(tiny_tokenizer, cfg)
+    loss, metrics = make_loss_fn(cfg)(tiny_model, make_collate(tiny_tokenizer.pad_token_id)(examples))
     grads = torch.autograd.grad(loss, list(tiny_model.parameters()))
-    direct = _direct_loss(tiny_model, batch, cfg)
+    direct = _direct_loss(tiny_model, examples, cfg)
     direct_grads = torch.autograd.grad(direct, list(tiny_model.parameters()))
     assert loss.item() == pytest.approx(direct.item(), abs=1e-5)
     for g, d in zip(grads, direct_grads):

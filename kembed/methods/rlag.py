@@ -209,13 +209,14 @@ def build_example(tokenizer, record: QARecord, pair: dict, prompts, cfg: Config)
             "beta_D": pair["beta_D"], "beta_A": pair["beta_A"]}
 
 
-def _pad(rows: list[list[int]], value: int) -> torch.Tensor:
+def _left_pad(rows: list[list[int]], value: int) -> torch.Tensor:
     longest = max(len(r) for r in rows)
-    return torch.tensor([r + [value] * (longest - len(r)) for r in rows])
+    return torch.tensor([[value] * (longest - len(r)) + r for r in rows])
 
 
 def make_collate(pad_id: int):
-    """Collate examples into right-padded tensors.
+    """Collate examples into left-padded tensors (every row ends at the last column, so the
+    scored answer tokens of a group sit in its last few columns).
 
     Batch keys: ``chosen_ids``/``chosen_attention``/``chosen_mask`` ``[b, s_c]``, the same for
     ``rejected`` ``[b, s_r]`` and ``knowledge`` ``[k, s_k]`` (k >= b rows), ``knowledge_owner``
@@ -226,13 +227,13 @@ def make_collate(pad_id: int):
         batch = {}
         for side in ("chosen", "rejected"):
             ids = [e[f"{side}_ids"] for e in examples]
-            batch[f"{side}_ids"] = _pad(ids, pad_id)
-            batch[f"{side}_attention"] = _pad([[1] * len(r) for r in ids], 0)
-            batch[f"{side}_mask"] = _pad([e[f"{side}_mask"] for e in examples], 0)
+            batch[f"{side}_ids"] = _left_pad(ids, pad_id)
+            batch[f"{side}_attention"] = _left_pad([[1] * len(r) for r in ids], 0)
+            batch[f"{side}_mask"] = _left_pad([e[f"{side}_mask"] for e in examples], 0)
         rows = [(i, r) for i, e in enumerate(examples) for r in e["knowledge_rows"]]
-        batch["knowledge_ids"] = _pad([r for _, r in rows], pad_id)
-        batch["knowledge_attention"] = _pad([[1] * len(r) for _, r in rows], 0)
-        batch["knowledge_mask"] = batch["knowledge_attention"].clone()
+        batch["knowledge_ids"] = _left_pad([r for _, r in rows], pad_id)
+        batch["knowledge_attention"] = _left_pad([[1] * len(r) for _, r in rows], 0)
+        batch["knowledge_mask"] = _left_pad([[0] + [1] * (len(r) - 1) for _, r in rows], 0)  # all but the first
         batch["knowledge_owner"] = torch.tensor([i for i, _ in rows])
         batch["beta_D"] = torch.tensor([e["beta_D"] for e in examples], dtype=torch.float)
         batch["beta_A"] = torch.tensor([e["beta_A"] for e in examples], dtype=torch.float)
@@ -242,17 +243,25 @@ def make_collate(pad_id: int):
 
 
 def mean_logprobs(model, ids: torch.Tensor, attention: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Mean log-prob of the masked tokens of each row.
+    """Mean log-prob of the masked tokens of each left-padded row.
+
+    Only the last columns that hold scored tokens go through the LM head (``logits_to_keep``),
+    which spares the ``[n, s, vocab]`` logits of the prompt.
 
     Args:
-        ids, attention, mask: ``[n, s]``; ``mask`` marks the scored tokens (the first token of
-            a row is never scored: nothing predicts it).
+        ids, attention, mask: ``[n, s]``, left-padded; ``mask`` marks the scored tokens (a
+            row's first token is never scored: nothing predicts it).
 
     Returns:
         ``[n]`` mean token log-probs (nats).
     """
-    token_lp = gather_logprobs(model(input_ids=ids, attention_mask=attention).logits, ids)  # [n, s-1]
-    m = mask[:, 1:].to(token_lp.dtype)  # [n, s-1]
+    s = ids.shape[1]
+    first = int(mask.float().argmax(1).min())  # earliest scored column
+    keep = min(s, s - first + 1)  # the column before it predicts it
+    positions = (attention.cumsum(1) - 1).clamp(min=0)  # [n, s]: real tokens at 0, 1, ...
+    logits = model(input_ids=ids, attention_mask=attention, position_ids=positions, logits_to_keep=keep).logits
+    token_lp = gather_logprobs(logits, ids[:, s - keep:])  # [n, keep-1]: tokens s-keep+1 .. s-1
+    m = mask[:, s - keep + 1:].to(token_lp.dtype)  # [n, keep-1]
     return (token_lp * m).sum(1) / m.sum(1).clamp(min=1)
 
 
@@ -269,7 +278,7 @@ def make_loss_fn(cfg: Config):
     def group_logprobs(model, batch, side, rows):
         ids, attention = batch[f"{side}_ids"][rows], batch[f"{side}_attention"][rows]
         width = int(attention.sum(1).max())  # drop columns that are padding in every kept row
-        return mean_logprobs(model, ids[:, :width], attention[:, :width], batch[f"{side}_mask"][rows, :width])
+        return mean_logprobs(model, ids[:, -width:], attention[:, -width:], batch[f"{side}_mask"][rows, -width:])
 
     def loss_fn(model, batch):
         zeros = torch.zeros_like(batch["beta_A"])  # [b]
