@@ -6,6 +6,8 @@ writes the run directory; methods receive a ``TrainContext`` and never do these 
 
 from __future__ import annotations
 
+import re
+import shutil
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -60,7 +62,11 @@ class TrainContext:
             self.progress.remove_task(task_id)
 
     def fit(self, examples: list[dict], collate, loss_fn, *, epochs: float, seed: int, label: str) -> dict:
-        """Train on ``examples`` through the shared backend, logging every step to metrics.jsonl."""
+        """Train on ``examples`` through the shared backend, logging every step to metrics.jsonl.
+
+        A checkpoint is kept after every epoch under ``checkpoints/<label>``, so that an
+        interrupted ``fit`` with the same label resumes from its last epoch.
+        """
         from kembed.training import fit
 
         task_id = self.progress.add_task(f"{label}: training", total=None)
@@ -71,9 +77,10 @@ class TrainContext:
         def on_log(step, logs):
             self.run.log("train", label=label, step=step, **logs)
 
+        checkpoints = self.run.path / "checkpoints" / re.sub(r"[^A-Za-z0-9]+", "-", label).strip("-")
         try:
             metrics = fit(self.model, examples, collate, loss_fn, self.config.train, self.placement,
-                          epochs=epochs, seed=seed, on_log=on_log, on_step=on_step)
+                          epochs=epochs, seed=seed, checkpoint_dir=checkpoints, on_log=on_log, on_step=on_step)
         finally:
             self.progress.remove_task(task_id)
         self.console.print(f"[bold]{label}[/] trained on {len(examples)} examples: "
@@ -98,6 +105,7 @@ class TrainContext:
         """Save the model, measure dev accuracy if configured, and record progress (``done``
         iterations completed) so that ``--resume`` continues after it."""
         self.run.save_model(self.model, self.tokenizer)
+        shutil.rmtree(self.run.path / "checkpoints", ignore_errors=True)  # mid-iteration checkpoints
         self.run.log("iteration_end", iteration=done, **self.dev_accuracy(f"after iteration {done}"))
         self.run.save_state(iterations_done=done)
 

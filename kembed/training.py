@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import tempfile
 from collections import defaultdict
+from pathlib import Path
 from typing import Callable
 
 import torch
@@ -75,6 +76,7 @@ class _RunLogger(TrainerCallback):
 
 def fit(model, examples: list[dict], collate: Callable[[list[dict]], dict], loss_fn: LossFn,
         cfg: TrainConfig, placement: Placement, *, epochs: float, seed: int,
+        checkpoint_dir: Path | None = None,
         on_log: Callable[[int, dict], None] | None = None,
         on_step: Callable[[int, int], None] | None = None) -> dict:
     """Train ``model`` in place on ``examples`` with a fresh optimiser and LR schedule.
@@ -87,6 +89,8 @@ def fit(model, examples: list[dict], collate: Callable[[list[dict]], dict], loss
         placement: device and precision.
         epochs: passes over ``examples``.
         seed: seeds the shuffling and any randomness of the step.
+        checkpoint_dir: when given, a checkpoint (weights, optimiser, scheduler, RNG) is kept
+            there after every epoch, and a later call with the same directory resumes from it.
         on_log: called with (global step, logged values) at every optimiser step.
         on_step: called with (global step, total steps) for progress display.
 
@@ -95,7 +99,7 @@ def fit(model, examples: list[dict], collate: Callable[[list[dict]], dict], loss
     """
     with tempfile.TemporaryDirectory(prefix="kembed-trainer-") as scratch:
         args = TrainingArguments(
-            output_dir=scratch,
+            output_dir=str(checkpoint_dir or scratch),
             per_device_train_batch_size=cfg.batch_size,
             gradient_accumulation_steps=cfg.grad_accum,
             learning_rate=cfg.learning_rate,
@@ -110,7 +114,9 @@ def fit(model, examples: list[dict], collate: Callable[[list[dict]], dict], loss
             bf16=placement.precision == "bf16",
             use_cpu=placement.device == "cpu",
             logging_steps=1,
-            save_strategy="no",
+            save_strategy="epoch" if checkpoint_dir else "no",
+            save_total_limit=1,
+            save_only_model=False,
             report_to="none",
             disable_tqdm=True,
             remove_unused_columns=False,
@@ -124,4 +130,5 @@ def fit(model, examples: list[dict], collate: Callable[[list[dict]], dict], loss
 
         trainer.remove_callback(PrinterCallback)
         trainer.remove_callback(ProgressCallback)
-        return trainer.train().metrics
+        resume = checkpoint_dir is not None and any(Path(checkpoint_dir).glob("checkpoint-*"))
+        return trainer.train(resume_from_checkpoint=True if resume else None).metrics

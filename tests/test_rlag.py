@@ -9,7 +9,8 @@ import torch
 from conftest import make_records
 from kembed.config import ConfigError, resolve_config
 from kembed.methods import rlag
-from kembed.methods.rlag import Config, build_example, chat_answer_ids, knowledge_rows, make_collate, make_loss_fn, rlag_loss
+from kembed.methods.common import chat_answer_ids
+from kembed.methods.rlag import Config, build_example, knowledge_rows, make_collate, make_loss_fn, rlag_loss
 from kembed.models import Placement
 from kembed.prompts import PromptFormat
 from kembed.scoring import OptionScores

@@ -21,6 +21,9 @@ from importlib.metadata import entry_points
 from kembed.errors import KembedError
 
 BUILTIN = {
+    "cpt": "kembed.methods.cpt",
+    "sft": "kembed.methods.sft",
+    "cpt-sft": "kembed.methods.cpt_sft",
     "rlag": "kembed.methods.rlag",
 }
 

@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from pydantic import model_validator
 
 from kembed.config import Strict
+from kembed.methods.common import chat_answer_ids, left_pad
 from kembed.records import QARecord
 from kembed.scoring import gather_logprobs
 
@@ -155,37 +156,6 @@ def rlag_loss(lz: torch.Tensor, lw: torch.Tensor, ll: torch.Tensor, beta_D: torc
 # ----------------------------------------------------------------------------- examples
 
 
-def chat_answer_ids(tokenizer, user: str, answer: str, span: str) -> tuple[list[int], list[int]]:
-    """Token ids of a chat with one user turn and the assistant's ``answer``, and the mask of
-    the tokens whose mean log-prob is the answer's score.
-
-    Args:
-        span: ``template`` marks the assistant header, answer and end-of-turn tokens (code);
-            ``answer`` marks the answer tokens only (figure).
-
-    Returns:
-        ``(ids, mask)`` of equal length; mask is 1 on the scored tokens.
-    """
-    user_turn = [{"role": "user", "content": user}]
-    bare = tokenizer.apply_chat_template(user_turn, tokenize=False)
-    prompt = tokenizer.apply_chat_template(user_turn, tokenize=False, add_generation_prompt=True)
-    full = tokenizer.apply_chat_template(user_turn + [{"role": "assistant", "content": answer}], tokenize=False)
-    suffix = full[len(prompt) + len(answer):] if full.startswith(prompt + answer) else ""
-
-    def enc(text):
-        return tokenizer(text, add_special_tokens=False)["input_ids"]
-
-    bare_ids, prompt_ids, answer_ids, suffix_ids = enc(bare), enc(prompt), enc(answer), enc(suffix)
-    ids = prompt_ids + answer_ids + suffix_ids
-    if span == "template" and prompt_ids[: len(bare_ids)] == bare_ids:
-        start, end = len(bare_ids), len(ids)
-    elif span == "template":
-        start, end = len(prompt_ids), len(ids)
-    else:
-        start, end = len(prompt_ids), len(prompt_ids) + len(answer_ids)
-    return ids, [int(start <= i < end) for i in range(len(ids))]
-
-
 def knowledge_rows(tokenizer, snippets: tuple[str, ...], mode: str) -> list[list[int]]:
     """Token rows for the knowledge term: each snippet wrapped BOS + z + EOS; ``concat`` gives
     one row of all snippets, ``per_snippet`` one row per snippet. No snippets -> one row with
@@ -209,11 +179,6 @@ def build_example(tokenizer, record: QARecord, pair: dict, prompts, cfg: Config)
             "beta_D": pair["beta_D"], "beta_A": pair["beta_A"]}
 
 
-def _left_pad(rows: list[list[int]], value: int) -> torch.Tensor:
-    longest = max(len(r) for r in rows)
-    return torch.tensor([[value] * (longest - len(r)) + r for r in rows])
-
-
 def make_collate(pad_id: int):
     """Collate examples into left-padded tensors (every row ends at the last column, so the
     scored answer tokens of a group sit in its last few columns).
@@ -227,13 +192,13 @@ def make_collate(pad_id: int):
         batch = {}
         for side in ("chosen", "rejected"):
             ids = [e[f"{side}_ids"] for e in examples]
-            batch[f"{side}_ids"] = _left_pad(ids, pad_id)
-            batch[f"{side}_attention"] = _left_pad([[1] * len(r) for r in ids], 0)
-            batch[f"{side}_mask"] = _left_pad([e[f"{side}_mask"] for e in examples], 0)
+            batch[f"{side}_ids"] = left_pad(ids, pad_id)
+            batch[f"{side}_attention"] = left_pad([[1] * len(r) for r in ids], 0)
+            batch[f"{side}_mask"] = left_pad([e[f"{side}_mask"] for e in examples], 0)
         rows = [(i, r) for i, e in enumerate(examples) for r in e["knowledge_rows"]]
-        batch["knowledge_ids"] = _left_pad([r for _, r in rows], pad_id)
-        batch["knowledge_attention"] = _left_pad([[1] * len(r) for _, r in rows], 0)
-        batch["knowledge_mask"] = _left_pad([[0] + [1] * (len(r) - 1) for _, r in rows], 0)  # all but the first
+        batch["knowledge_ids"] = left_pad([r for _, r in rows], pad_id)
+        batch["knowledge_attention"] = left_pad([[1] * len(r) for _, r in rows], 0)
+        batch["knowledge_mask"] = left_pad([[0] + [1] * (len(r) - 1) for _, r in rows], 0)  # all but the first
         batch["knowledge_owner"] = torch.tensor([i for i, _ in rows])
         batch["beta_D"] = torch.tensor([e["beta_D"] for e in examples], dtype=torch.float)
         batch["beta_A"] = torch.tensor([e["beta_A"] for e in examples], dtype=torch.float)

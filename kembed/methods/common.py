@@ -1,0 +1,64 @@
+"""Building blocks the methods share: chat-formatted examples, left-padded batches and the
+answer-only causal-LM loss."""
+
+from __future__ import annotations
+
+import torch
+
+
+def chat_answer_ids(tokenizer, user: str, answer: str, span: str = "answer") -> tuple[list[int], list[int]]:
+    """Token ids of a chat with one user turn and the assistant's ``answer``, and the mask of
+    the tokens the loss (or score) covers.
+
+    Args:
+        span: ``answer`` marks the answer tokens only; ``template`` also marks the assistant
+            header and the end-of-turn tokens (the RLAG authors' code).
+
+    Returns:
+        ``(ids, mask)`` of equal length; mask is 1 on the covered tokens.
+    """
+    user_turn = [{"role": "user", "content": user}]
+    bare = tokenizer.apply_chat_template(user_turn, tokenize=False)
+    prompt = tokenizer.apply_chat_template(user_turn, tokenize=False, add_generation_prompt=True)
+    full = tokenizer.apply_chat_template(user_turn + [{"role": "assistant", "content": answer}], tokenize=False)
+    suffix = full[len(prompt) + len(answer):] if full.startswith(prompt + answer) else ""
+
+    def enc(text):
+        return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    bare_ids, prompt_ids, answer_ids, suffix_ids = enc(bare), enc(prompt), enc(answer), enc(suffix)
+    ids = prompt_ids + answer_ids + suffix_ids
+    if span == "template" and prompt_ids[: len(bare_ids)] == bare_ids:
+        start, end = len(bare_ids), len(ids)
+    elif span == "template":
+        start, end = len(prompt_ids), len(ids)
+    else:
+        start, end = len(prompt_ids), len(prompt_ids) + len(answer_ids)
+    return ids, [int(start <= i < end) for i in range(len(ids))]
+
+
+def left_pad(rows: list[list[int]], value: int) -> torch.Tensor:
+    """``[n, longest]`` tensor of the rows, padded on the left with ``value``."""
+    longest = max(len(r) for r in rows)
+    return torch.tensor([[value] * (longest - len(r)) + r for r in rows])
+
+
+def make_lm_collate(pad_id: int):
+    """Collate ``{"input_ids": [...], "loss_mask": [...]}`` examples into left-padded
+    ``input_ids``/``attention_mask`` and ``labels`` (-100 where the loss does not look), ``[b, s]``."""
+
+    def collate(examples: list[dict]) -> dict:
+        ids = [e["input_ids"] for e in examples]
+        labels = [[t if m else -100 for t, m in zip(e["input_ids"], e["loss_mask"])] for e in examples]
+        return {"input_ids": left_pad(ids, pad_id), "attention_mask": left_pad([[1] * len(r) for r in ids], 0),
+                "labels": left_pad(labels, -100)}
+
+    return collate
+
+
+def lm_loss(model, batch: dict) -> tuple[torch.Tensor, dict]:
+    """Mean next-token cross-entropy over the labelled tokens of a left-padded batch."""
+    positions = (batch["attention_mask"].cumsum(1) - 1).clamp(min=0)  # [b, s]
+    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], position_ids=positions,
+                labels=batch["labels"])
+    return out.loss, {}
