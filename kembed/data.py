@@ -38,6 +38,11 @@ its records. Per-file tables: docs/data.md.
 
 Structurally malformed input (invalid JSON, wrong types, missing ``question``/``options``)
 raises :class:`~kembed.errors.DataError` naming the file, record and field.
+
+Users' own domains (``kembed data import``, :mod:`kembed.userdomains`) live in the data
+directory under ``user/<name>/`` and go through the same loader and policy: :func:`get_domain`,
+:func:`load_split`, :func:`load_records`, :func:`load_knowledge_base` and :func:`list_domains`
+find them next to the built-in :data:`DOMAINS`.
 """
 
 from __future__ import annotations
@@ -68,6 +73,7 @@ ENV_VAR = "KEMBED_DATA_DIR"
 UPSTREAM_COMMIT = "ebc874f3da31b949c29ded7b298a5d6e60eb8cfc"
 UPSTREAM_ZIP_URL = f"https://codeload.github.com/ChaojunNie/RLAG/zip/{UPSTREAM_COMMIT}"
 EXTRA_FILES = ("PROVENANCE.md", "LICENSE")
+USER_FOLDER = "user"  # users' own domains: <data dir>/user/<name>/ (see kembed.userdomains)
 
 
 @dataclass(frozen=True)
@@ -78,8 +84,10 @@ class DomainSpec:
         name: the domain name used on the command line and in records.
         folder: the domain's folder inside the data directory.
         splits: split name -> file names inside ``folder``, concatenated in order.
-        knowledge_base: file name of the knowledge-base text (one document per line), if any.
+        knowledge_base: file name of the knowledge base, if any: a text file (one document per
+            line) or a ``.jsonl`` file (one ``{"text": ...}`` object per line).
         description: one line for listings.
+        user: True for a user domain made by ``kembed data import`` (folder ``user/<name>``).
     """
 
     name: str
@@ -87,6 +95,7 @@ class DomainSpec:
     splits: dict[str, tuple[str, ...]]
     knowledge_base: str | None = None
     description: str = ""
+    user: bool = False
 
 
 DOMAINS: dict[str, DomainSpec] = {
@@ -114,21 +123,60 @@ DOMAINS: dict[str, DomainSpec] = {
 }
 
 
-def get_domain(name: str) -> DomainSpec:
-    """The built-in domain called ``name``.
+def get_domain(name: str, data_dir: str | os.PathLike | None = None) -> DomainSpec:
+    """The domain called ``name``: a built-in one (:data:`DOMAINS`), else a user domain imported
+    into the data directory (``data_dir``, else ``$KEMBED_DATA_DIR``, else the default).
 
     Raises:
         KembedError: the name is not a known domain (the message lists the known ones).
+        DataError: the user domain's ``domain.json`` is malformed.
     """
-    try:
+    if name in DOMAINS:
         return DOMAINS[name]
-    except KeyError:
-        raise KembedError(f"unknown domain '{name}'; known domains: {', '.join(DOMAINS)}") from None
+    from kembed.userdomains import find_user_domain, list_user_domains
+
+    root = _existing_data_dir(data_dir)
+    spec = find_user_domain(name, root) if root is not None else None
+    if spec is not None:
+        return spec
+    known = [*DOMAINS, *(s.name for s in (list_user_domains(root) if root is not None else []))]
+    raise KembedError(f"unknown domain '{name}'; known domains: {', '.join(known)}")
+
+
+def list_domains(data_dir: str | os.PathLike | None = None) -> dict[str, DomainSpec]:
+    """Every domain by name: the built-in :data:`DOMAINS`, then the user domains imported into the
+    data directory (none when the data directory does not exist).
+
+    Raises:
+        DataError: a user domain's ``domain.json`` is malformed.
+    """
+    from kembed.userdomains import list_user_domains
+
+    root = _existing_data_dir(data_dir)
+    users = list_user_domains(root) if root is not None else []
+    return {**DOMAINS, **{spec.name: spec for spec in users}}
+
+
+def _existing_data_dir(data_dir: str | os.PathLike | None) -> Path | None:
+    path, _ = choose_data_dir(data_dir)
+    return path if path.is_dir() else None
 
 
 def default_data_dir() -> Path:
     """The per-user data directory that ``kembed data fetch`` fills by default."""
     return Path(platformdirs.user_data_dir("kembed")) / "rlag"
+
+
+def choose_data_dir(data_dir: str | os.PathLike | None = None) -> tuple[Path, str]:
+    """``(path, origin)`` of the data directory that :func:`resolve_data_dir` would use, whether or
+    not it exists; ``origin`` says where the choice came from (for messages)."""
+    if data_dir is not None:
+        path, origin = Path(data_dir), "--data-dir"
+    elif os.environ.get(ENV_VAR):
+        path, origin = Path(os.environ[ENV_VAR]), f"${ENV_VAR}"
+    else:
+        path, origin = default_data_dir(), "the default location"
+    return path.expanduser(), origin
 
 
 def resolve_data_dir(data_dir: str | os.PathLike | None = None) -> Path:
@@ -137,13 +185,7 @@ def resolve_data_dir(data_dir: str | os.PathLike | None = None) -> Path:
     Raises:
         KembedError: the chosen directory does not exist.
     """
-    if data_dir is not None:
-        path, origin = Path(data_dir), "--data-dir"
-    elif os.environ.get(ENV_VAR):
-        path, origin = Path(os.environ[ENV_VAR]), f"${ENV_VAR}"
-    else:
-        path, origin = default_data_dir(), "the default location"
-    path = path.expanduser()
+    path, origin = choose_data_dir(data_dir)
     if not path.is_dir():
         raise KembedError(f"no data directory at {path} (from {origin}); run `kembed data fetch` "
                           f"or pass --data-dir DIR")
@@ -203,16 +245,21 @@ def load_split(domain: str, split: str,
         DataError: a file is not UTF-8, not valid JSON, or a record is malformed (or has a
             duplicate id).
     """
-    spec = get_domain(domain)
+    spec = get_domain(domain, data_dir)
     if split not in spec.splits:
         raise KembedError(f"domain '{domain}' has no split '{split}'; available: {', '.join(spec.splits)}")
-    root = resolve_data_dir(data_dir)
-    files = spec.splits[split]
+    return load_spec_split(spec, split, resolve_data_dir(data_dir) / spec.folder)
+
+
+def load_spec_split(spec: DomainSpec, split: str, folder: Path) -> tuple[list[QARecord], SplitReport]:
+    """:func:`load_split` for a domain spec whose files are in ``folder`` (which need not be the
+    spec's own folder: the user-domain import loads its files from a temporary folder)."""
+    domain, files = spec.name, spec.splits[split]
     report = SplitReport(domain, split, files=[f"{spec.folder}/{name}" for name in files])
     records: list[QARecord] = []
     seen: set[str] = set()
     for name in files:
-        path = root / spec.folder / name
+        path = folder / name
         prefix = f"{split}-{Path(name).stem}-" if len(files) > 1 else f"{split}-"
         for pos, raw in enumerate(_read_records(path)):
             report.read += 1
@@ -240,17 +287,31 @@ def load_records(domain: str, split: str, data_dir: str | os.PathLike | None = N
 
 
 def load_knowledge_base(domain: str, data_dir: str | os.PathLike | None = None) -> list[str] | None:
-    """The domain's knowledge-base documents (non-empty stripped lines), or None if it has none.
+    """The domain's knowledge-base documents, or None if it has none: the non-empty stripped lines
+    of a text file, or the stripped non-empty ``text`` fields of a ``.jsonl`` file (user domains).
 
     Raises:
         KembedError: unknown domain, missing data directory or file.
-        DataError: the file is not UTF-8.
+        DataError: the file is not UTF-8, or a ``.jsonl`` line is not an object with a string
+            ``text``.
     """
-    spec = get_domain(domain)
+    spec = get_domain(domain, data_dir)
     if spec.knowledge_base is None:
         return None
-    text = _read_text(resolve_data_dir(data_dir) / spec.folder / spec.knowledge_base)
-    return [line.strip() for line in text.split("\n") if line.strip()]
+    path = resolve_data_dir(data_dir) / spec.folder / spec.knowledge_base
+    if path.suffix != ".jsonl":
+        text = _read_text(path)
+        return [line.strip() for line in text.split("\n") if line.strip()]
+    documents = []
+    for pos, raw in enumerate(_read_records(path)):
+        if not isinstance(raw, dict):
+            raise DataError(path, f"expected an object, got {_json_type(raw)}", record=pos)
+        if not isinstance(raw.get("text"), str):
+            raise DataError(path, "missing" if "text" not in raw else f"expected a string, got "
+                            f"{_json_type(raw['text'])}", record=pos, field="text")
+        if raw["text"].strip():
+            documents.append(raw["text"].strip())
+    return documents
 
 
 def _read_text(path: Path) -> str:
@@ -263,10 +324,14 @@ def _read_text(path: Path) -> str:
         raise DataError(path, f"not UTF-8 text (undecodable byte at offset {e.start})") from None
 
 
-def _read_records(path: Path) -> list:
-    """The raw records of a .json array or a .jsonl file (blank lines skipped)."""
-    text = _read_text(path)
-    if path.suffix == ".jsonl":
+def _read_records(path: Path, jsonl: bool | None = None, text: str | None = None) -> list:
+    """The raw records of a .json array or a .jsonl file (blank lines skipped).
+
+    ``jsonl`` forces the format (default: by the ``.jsonl`` suffix); ``text`` is the file's
+    content when the caller has read it already.
+    """
+    text = _read_text(path) if text is None else text
+    if jsonl if jsonl is not None else path.suffix == ".jsonl":
         records = []
         for lineno, line in enumerate(text.split("\n"), 1):
             if line.strip():
@@ -274,11 +339,15 @@ def _read_records(path: Path) -> list:
                     records.append(json.loads(line))
                 except json.JSONDecodeError as e:
                     raise DataError(path, f"invalid JSON on line {lineno}, column {e.colno}: {e.msg}") from None
+                except RecursionError:
+                    raise DataError(path, f"invalid JSON on line {lineno}: nested too deeply") from None
         return records
     try:
         data = json.loads(text)
     except json.JSONDecodeError as e:
         raise DataError(path, f"invalid JSON at line {e.lineno}, column {e.colno}: {e.msg}") from None
+    except RecursionError:
+        raise DataError(path, "invalid JSON: nested too deeply") from None
     if not isinstance(data, list):
         raise DataError(path, f"expected a JSON array of records, got {_json_type(data)}")
     return data
@@ -408,7 +477,8 @@ def fetch_data(dest: Path | None = None, source_dir: Path | None = None, *,
     Without it, downloads the upstream zip archive at the pinned commit from ``url`` (``timeout``
     seconds for each network operation) and extracts its ``data/`` folder and LICENSE. The copy
     is built in a temporary sibling of ``dest`` and renamed into place only once complete, so a
-    failure leaves any existing ``dest`` untouched.
+    failure leaves any existing ``dest`` untouched. User domains already in ``dest`` (its
+    ``user/`` folder) are carried over into the new copy.
 
     Returns:
         ``dest``.
@@ -428,7 +498,7 @@ def fetch_data(dest: Path | None = None, source_dir: Path | None = None, *,
             _copy_data(Path(source_dir).expanduser(), tmp)
         else:
             _download_data(url, tmp, timeout)
-        _swap_into_place(tmp, dest)
+        _swap_into_place(tmp, dest, keep=(USER_FOLDER,))
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return dest
@@ -491,8 +561,12 @@ def _download_data(url: str, tmp: Path, timeout: float) -> None:
         raise KembedError(f"the archive from {url} has no data/ folder with the domain folders")
 
 
-def _swap_into_place(new: Path, dest: Path) -> None:
-    """Rename ``new`` to ``dest``, replacing an existing ``dest`` only once the rename can happen."""
+def _swap_into_place(new: Path, dest: Path, keep: tuple[str, ...] = ()) -> None:
+    """Rename ``new`` to ``dest``, replacing an existing ``dest`` only once the rename can happen.
+
+    Entries of the old ``dest`` named in ``keep`` (and absent from ``new``) are moved into the new
+    one before the old one is deleted (``fetch_data`` keeps the imported user domains).
+    """
     if not dest.exists():
         new.rename(dest)
         return
@@ -503,4 +577,7 @@ def _swap_into_place(new: Path, dest: Path) -> None:
     except OSError:
         old.rename(dest)
         raise
+    for name in keep:
+        if (old / name).exists() and not (dest / name).exists():
+            (old / name).rename(dest / name)
     shutil.rmtree(old, ignore_errors=True)

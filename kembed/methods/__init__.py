@@ -24,6 +24,8 @@ BUILTIN = {
     "cpt": "kembed.methods.cpt",
     "sft": "kembed.methods.sft",
     "cpt-sft": "kembed.methods.cpt_sft",
+    "raft": "kembed.methods.raft",
+    "simrag": "kembed.methods.simrag",
     "rlag": "kembed.methods.rlag",
 }
 

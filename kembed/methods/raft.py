@@ -1,0 +1,218 @@
+"""RAFT: retrieval-augmented fine-tuning (Zhang et al. 2024, arXiv 2403.10131), as
+methods.md describes it.
+
+For each training question: its oracle document(s) D* (the question's knowledge snippets that
+best support the gold answer) and k distractor documents (retrieved hard negatives from the
+domain index, or drawn at random). A fraction P of the examples gets D* + distractors, the
+rest distractors only; the document order is shuffled. The target is a chain-of-thought answer
+that quotes the supporting text between ``##begin_quote##`` and ``##end_quote##`` and ends
+with ``<ANSWER>: <gold answer>``; it is built extractively (gold answer + the best-supporting
+sentences of D*) or written by a teacher model. Training is plain SFT on the target.
+"""
+
+from __future__ import annotations
+
+import random
+import re
+from typing import Literal
+
+from pydantic import model_validator
+
+from kembed.config import Strict
+from kembed.methods.common import chat_answer_ids, lm_loss, make_lm_collate
+from kembed.records import QARecord
+
+NAME = "raft"
+DESCRIPTION = "RAFT: oracle + distractor documents in the prompt, quoting chain-of-thought targets"
+BEGIN, END, ANSWER = "##begin_quote##", "##end_quote##", "<ANSWER>:"
+_WORD = re.compile(r"[a-z0-9]+")
+_STOP = set("a an the of in on at to for and or is are was were be by with as from that this which what who "
+            "whom when where why how did does do it its his her their they he she following".split())
+
+
+class TeacherConfig(Strict):
+    """The teacher model that writes targets: a local model argument (``model``) or an
+    OpenAI-compatible endpoint (``url`` + ``model``; key from the ``api_key_env`` variable)."""
+
+    model: str
+    url: str | None = None
+    api_key_env: str | None = None
+    max_new_tokens: int = 256
+
+
+class Config(Strict):
+    """The ``raft:`` recipe section.
+
+    Attributes:
+        k: distractor documents per example (paper: 4; reference code default 3).
+        p: P, the fraction of examples whose context holds the oracle document (paper: 0.8;
+            the reference CLI default 1.0 silently disables the mixture).
+        distractors: ``retrieved`` (hard negatives from the domain index) or ``random``.
+        index: the domain index kind for retrieved distractors.
+        oracle_docs: how many of the question's snippets form D* (the best-supporting ones;
+            ``null``: all of them).
+        quote_sentences: sentences the extractive target quotes.
+        max_doc_tokens: each document is cut to this many tokens in the prompt (0: no cut).
+        target: ``extractive`` or ``teacher``.
+        teacher: the teacher model, for ``target: teacher``.
+        epochs: passes over the examples.
+    """
+
+    k: int = 4
+    p: float = 0.8
+    distractors: Literal["retrieved", "random"] = "retrieved"
+    index: Literal["bm25", "dense", "hybrid"] = "bm25"
+    oracle_docs: int | None = 1
+    quote_sentences: int = 2
+    max_doc_tokens: int = 96
+    target: Literal["extractive", "teacher"] = "extractive"
+    teacher: TeacherConfig | None = None
+    epochs: float = 2
+
+    @model_validator(mode="after")
+    def _check(self):
+        if not 0.0 <= self.p <= 1.0:
+            raise ValueError("p must be in [0, 1]")
+        if self.target == "teacher" and self.teacher is None:
+            raise ValueError("target: teacher needs a teacher: {model: ..., url: ...}")
+        return self
+
+
+def words(text: str) -> set[str]:
+    """Lower-cased alphanumeric words minus a few stop words."""
+    return {w for w in _WORD.findall(text.lower()) if w not in _STOP}
+
+
+def sentences(text: str) -> list[str]:
+    """Split on sentence-ending punctuation followed by white space."""
+    return [s.strip() for s in re.split(r"(?<=[.!?])\s+", text) if s.strip()]
+
+
+def support(text: str, record: QARecord) -> float:
+    """How well ``text`` supports the gold answer: answer words found count double,
+    question words once (a plain overlap score; no model)."""
+    w = words(text)
+    return 2 * len(w & words(record.answer)) + len(w & words(record.question))
+
+
+def oracle_documents(record: QARecord, n: int | None) -> list[str]:
+    """D*: the record's knowledge snippets ranked by support for the gold answer (top ``n``)."""
+    ranked = sorted(record.knowledge, key=lambda z: -support(z, record))
+    return ranked if n is None else ranked[:n]
+
+
+def extractive_target(record: QARecord, oracle: list[str], n_quotes: int) -> str:
+    """A chain-of-thought target built without a model: the ``n_quotes`` sentences of D* that
+    best support the gold answer, quoted in document order, then the answer."""
+    candidates = [s for doc in oracle for s in sentences(doc)]
+    best = sorted(range(len(candidates)), key=lambda i: -support(candidates[i], record))[:n_quotes]
+    quotes = " ".join(f"{BEGIN}{candidates[i]}{END}" for i in sorted(best))
+    reason = f"##Reason: The context says {quotes} " if quotes else "##Reason: "
+    return f"{reason}So the answer is {record.answer}.\n{ANSWER} {record.answer}"
+
+
+def teacher_prompt(record: QARecord, oracle: list[str]) -> str:
+    """The request to a teacher model (question, context and the verified answer)."""
+    context = "\n".join(oracle)
+    return (f"Question: {record.question}\nContext:\n{context}\nVerified answer: {record.answer}\n\n"
+            f"Explain step by step how the context supports the answer. Copy the supporting sentences "
+            f"word for word between {BEGIN} and {END}. End with the line '{ANSWER} {record.answer}'.")
+
+
+def user_prompt(record: QARecord, documents: list[str]) -> str:
+    """The training prompt: the shuffled documents, then the question."""
+    docs = "\n".join(f"<DOCUMENT>{d}</DOCUMENT>" for d in documents)
+    return (f"{docs}\n\nQuestion: {record.question}\nAnswer using the documents: quote what supports the "
+            f"answer between {BEGIN} and {END}, then give the final answer after '{ANSWER}'.")
+
+
+def choose_distractors(record: QARecord, oracle: list[str], k: int, documents: list[str], rng: random.Random,
+                       index=None) -> list[str]:
+    """k distractors: the top retrieved documents for the question that are not oracle
+    documents (``index`` given), else k documents drawn at random from ``documents``."""
+    taken = {d.strip() for d in oracle} | {z.strip() for z in record.knowledge}
+    if index is not None:
+        hits = index.search(record.question, k + len(taken) + 5)
+        pool = [text for _, _, text in hits if text.strip() not in taken]
+    else:
+        pool = [d for d in rng.sample(documents, min(len(documents), k + len(taken) + 5)) if d.strip() not in taken]
+    return pool[:k]
+
+
+def build_examples(records: list[QARecord], cfg: Config, documents: list[str], seed: int, index=None,
+                   truncate=lambda d: d) -> list[dict]:
+    """The RAFT mixture: exactly round(P * n) examples (a seeded choice) get the oracle
+    documents; every example gets k distractors; document order is shuffled.
+
+    Returns:
+        Dicts with id, has_oracle, documents (prompt order), oracle, target (extractive; the
+        teacher replaces it later when configured) and builder.
+    """
+    rng = random.Random(seed)
+    with_oracle = set(rng.sample(range(len(records)), round(cfg.p * len(records))))
+    examples = []
+    for i, record in enumerate(records):
+        oracle = oracle_documents(record, cfg.oracle_docs)
+        distractors = choose_distractors(record, oracle, cfg.k, documents, rng, index)
+        docs = [truncate(d) for d in (oracle if i in with_oracle else []) + distractors]
+        rng.shuffle(docs)
+        examples.append({"id": record.id, "has_oracle": i in with_oracle, "documents": docs, "oracle": oracle,
+                         "target": extractive_target(record, oracle, cfg.quote_sentences), "builder": "extractive"})
+    return examples
+
+
+def apply_teacher(examples: list[dict], records: list[QARecord], generator) -> None:
+    """Replace each target with the teacher's (in place); a reply without the final answer
+    line gets it appended. ``builder`` records the teacher's name."""
+    replies = generator.generate([teacher_prompt(r, e["oracle"]) for e, r in zip(examples, records)])
+    for example, record, reply in zip(examples, records, replies):
+        if ANSWER not in reply:
+            reply = f"{reply}\n{ANSWER} {record.answer}".strip()
+        example["target"], example["builder"] = reply, f"teacher:{generator.name}"
+
+
+def make_teacher(cfg: TeacherConfig, placement):
+    """A generator for the configured teacher (see ``kembed.generation``)."""
+    from kembed.generation import LocalGenerator, OpenAIGenerator
+
+    if cfg.url:
+        return OpenAIGenerator(cfg.url, cfg.model, api_key_env=cfg.api_key_env, max_new_tokens=cfg.max_new_tokens)
+    from kembed.models import load_model, load_tokenizer
+
+    return LocalGenerator(load_model(cfg.model, placement), load_tokenizer(cfg.model), placement,
+                          max_new_tokens=cfg.max_new_tokens, name=cfg.model)
+
+
+def train(ctx) -> None:
+    """Build the RAFT examples (saved as ``raft_examples.jsonl``), then SFT on them."""
+    if ctx.run.state.get("iterations_done", 0) >= 1:
+        return
+    from kembed.retrieval import build_index, domain_documents
+    from kembed.runs import write_jsonl
+
+    cfg: Config = ctx.method_config
+    documents = domain_documents(ctx.config.domain, ctx.config.data_dir)
+    index = build_index(ctx.config.domain, cfg.index, ctx.config.data_dir) if cfg.distractors == "retrieved" else None
+
+    def truncate(doc: str) -> str:
+        if cfg.max_doc_tokens <= 0:
+            return doc
+        ids = ctx.tokenizer(doc, add_special_tokens=False)["input_ids"]
+        return doc if len(ids) <= cfg.max_doc_tokens else ctx.tokenizer.decode(ids[:cfg.max_doc_tokens])
+
+    examples = build_examples(ctx.records, cfg, documents, ctx.config.seed, index, truncate)
+    if cfg.target == "teacher":
+        apply_teacher(examples, ctx.records, make_teacher(cfg.teacher, ctx.placement))
+    write_jsonl(ctx.run.path / "raft_examples.jsonl", examples)
+    n_oracle = sum(e["has_oracle"] for e in examples)
+    ctx.run.log("raft_examples", examples=len(examples), with_oracle=n_oracle, k=cfg.k, p=cfg.p,
+                distractors=cfg.distractors, builders=sorted({e["builder"] for e in examples}))
+    ctx.console.print(f"RAFT: {len(examples)} examples, {n_oracle} with the oracle document, k = {cfg.k} "
+                      f"{cfg.distractors} distractors")
+    tokenized = []
+    for record, example in zip(ctx.records, examples):
+        ids, mask = chat_answer_ids(ctx.tokenizer, user_prompt(record, example["documents"]), example["target"])
+        tokenized.append({"input_ids": ids, "loss_mask": mask})
+    ctx.fit(tokenized, make_lm_collate(ctx.tokenizer.pad_token_id), lm_loss, epochs=cfg.epochs,
+            seed=ctx.config.seed, label="raft")
+    ctx.finish_iteration(1)
