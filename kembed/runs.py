@@ -113,6 +113,8 @@ class Run:
         path = Path(path)
         if not (path / "kembed-run.json").is_file() or not (path / "config.yaml").is_file():
             raise KembedError(f"{path} is not a kembed run directory (no kembed-run.json / config.yaml)")
+        if not (path / "model").exists() and (path / ".model-old").is_dir():
+            (path / ".model-old").rename(path / "model")  # interrupted between the two renames of save_model
         return cls(path, yaml.safe_load((path / "config.yaml").read_text()))
 
     def log(self, event: str, **values) -> None:

@@ -66,3 +66,39 @@ def test_sft_cpt_and_cpt_sft_train(data_dir, tiny_model_dir, tmp_path):
         events = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
         assert any(e["event"] == "train" and "loss" in e for e in events)
         assert (out / "model" / "model.safetensors").exists() and not (out / "checkpoints").exists()
+
+
+def test_lora_adapter_run_trains_and_evaluates(data_dir, tiny_model_dir, tmp_path):
+    out = tmp_path / "lora"
+    result = run_method("sft", tiny_model_dir, out, "sft.epochs=1",
+                        "train.lora={r: 4, lora_alpha: 8, target_modules: [q_proj, v_proj]}")
+    assert result.exit_code == 0, result.output
+    assert (out / "model" / "adapter_config.json").exists() and not (out / "model" / "model.safetensors").exists()
+    result = CliRunner().invoke(app, ["eval", "--domain", "current-events", "--model", str(out), "--limit", "2",
+                                      "--output", str(tmp_path / "ev")], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+
+
+def test_interrupted_epoch_resumes_from_its_checkpoint(data_dir, tiny_model_dir, tmp_path, monkeypatch):
+    from safetensors.torch import load_file
+
+    from kembed.training import MethodTrainer
+
+    a, b = tmp_path / "a", tmp_path / "b"
+    assert run_method("sft", tiny_model_dir, a, "sft.epochs=2").exit_code == 0
+    real, calls = MethodTrainer.compute_loss, []
+
+    def interrupting(self, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:  # 2 steps per epoch: the first step of epoch 2
+            raise KeyboardInterrupt
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(MethodTrainer, "compute_loss", interrupting)
+    assert run_method("sft", tiny_model_dir, b, "sft.epochs=2").exit_code == 130
+    assert list((b / "checkpoints").glob("*/checkpoint-*")) and not (b / "model").exists()
+    monkeypatch.setattr(MethodTrainer, "compute_loss", real)
+    result = CliRunner().invoke(app, ["train", "sft", "--output", str(b), "--resume"], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    wa, wb = load_file(a / "model" / "model.safetensors"), load_file(b / "model" / "model.safetensors")
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
