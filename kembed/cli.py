@@ -17,8 +17,10 @@ from kembed.errors import KembedError
 
 app = typer.Typer(help="Embed domain knowledge into language models and compare the methods that do it.",
                   no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False)
-data_app = typer.Typer(help="Domain data: fetch and validate.", no_args_is_help=True)
+data_app = typer.Typer(help="Domain data: fetch, validate and import your own.", no_args_is_help=True)
 app.add_typer(data_app, name="data")
+index_app = typer.Typer(help="Retrieval indexes over a domain's knowledge documents.", no_args_is_help=True)
+app.add_typer(index_app, name="index")
 
 console = Console()
 err_console = Console(stderr=True)
@@ -67,12 +69,13 @@ def train(method: str = typer.Argument(..., help="Method name (see `kembed ls`).
           output: Optional[str] = typer.Option(None, help="Run directory (default: runs/<method>-<domain>-<time>)."),
           limit: Optional[int] = typer.Option(None, help="Use only the first N training records."),
           resume: bool = typer.Option(False, help="Continue the interrupted run in --output."),
+          init_from: Optional[str] = typer.Option(None, help="Start from another run's weights (not --resume)."),
           data_dir: Optional[str] = DataDir):
     """Train a method on a domain; writes a run directory."""
     from kembed.train import train as run_train
 
     run_train(method, recipe=recipe, overrides=overrides or [], output=output, domain=domain, limit=limit,
-              data_dir=data_dir, resume=resume, console=console)
+              data_dir=data_dir, init_from=init_from, resume=resume, console=console)
 
 
 @app.command("eval")
@@ -80,7 +83,9 @@ def train(method: str = typer.Argument(..., help="Method name (see `kembed ls`).
 def evaluate(domain: str = typer.Option(..., help="Domain to evaluate on."),
              model: str = typer.Option("smollm2-135m-instruct", help="Built-in name, HF id, model dir or run dir."),
              split: str = typer.Option("test", help="Split: train, dev or test."),
-             mode: str = typer.Option("closed-book", help="closed-book or oracle-context."),
+             mode: str = typer.Option("closed-book", help="closed-book, oracle-context or retrieved-context."),
+             top_k: int = typer.Option(3, "--top-k", help="retrieved-context: documents retrieved per question."),
+             index: str = typer.Option("bm25", "--index", help="retrieved-context: index kind, bm25, dense or hybrid."),
              limit: Optional[int] = typer.Option(None, help="Only the first N questions."),
              output: Optional[str] = typer.Option(None, help="Output directory (default: runs/eval-<domain>-<split>-<mode>-<time>)."),
              scorer: str = typer.Option("shared_prefix", help="Scorer implementation: shared_prefix or reference."),
@@ -97,17 +102,24 @@ def evaluate(domain: str = typer.Option(..., help="Domain to evaluate on."),
 
     if mode not in MODES:
         raise KembedError(f"unknown --mode '{mode}' (choose from {', '.join(MODES)})")
+    from kembed.retrieval import KINDS, build_index
+
+    if index not in KINDS:
+        raise KembedError(f"unknown --index '{index}' (choose from {', '.join(KINDS)})")
+    if top_k < 1:
+        raise KembedError(f"--top-k must be at least 1, got {top_k}")
     out = Path(output) if output else Path("runs") / f"eval-{domain}-{split}-{mode}-{datetime.now():%Y%m%d-%H%M%S}"
     if (out / "results.json").exists() and not overwrite:
         raise KembedError(f"{out / 'results.json'} exists: pass --overwrite or choose another --output")
     records = load_records(domain, split, data_dir, limit=limit)
     if mode == "oracle-context" and not any(r.knowledge for r in records):
         raise KembedError(f"{domain}/{split} has no knowledge snippets: oracle-context needs them")
+    retriever = build_index(domain, index, data_dir) if mode == "retrieved-context" else None
     placement = choose_placement(device, precision)
     with Progress(console=console, transient=True) as progress:
         task = progress.add_task(f"scoring {domain}/{split} ({mode})", total=len(records))
         summary, samples = run_eval(model, records, mode=mode, placement=placement, implementation=scorer,
-                                    progress=lambda: progress.advance(task))
+                                    progress=lambda: progress.advance(task), index=retriever, top_k=top_k)
     summary = {"domain": domain, "split": split, **summary}
     write_results(out, summary, samples)
     console.print(results_table([summary]))
@@ -131,12 +143,12 @@ def results(paths: list[Path] = typer.Argument(..., help="results.json files or 
 
 @app.command("ls")
 @handle_errors
-def list_things():
-    """List domains, methods, recipes and built-in models."""
+def list_things(data_dir: Optional[str] = DataDir):
+    """List domains (built-in and imported), methods, recipes and built-in models."""
     from rich.table import Table
 
     from kembed.config import RECIPES_DIR
-    from kembed.data import DOMAINS
+    from kembed.data import list_domains
     from kembed.methods import available
     from kembed.models import BUILTIN_MODELS, DEFAULT_MODEL
 
@@ -144,8 +156,9 @@ def list_things():
     table.add_column("kind")
     table.add_column("name")
     table.add_column("details")
-    for name, spec in DOMAINS.items():
-        table.add_row("domain", name, f"{spec.folder}: {', '.join(spec.splits)}")
+    for name, spec in list_domains(data_dir).items():
+        user = " (user domain)" if spec.user else ""
+        table.add_row("domain", name, f"{spec.folder}: {', '.join(spec.splits)}{user}")
     for name, module in available().items():
         table.add_row("method", name, module)
     for path in sorted(RECIPES_DIR.glob("*.yaml")):
@@ -162,7 +175,7 @@ def data_validate(domain: str = typer.Option(..., help="Domain to check."),
     """Load every split of a domain and report read, kept and dropped records."""
     from kembed.data import get_domain, load_split, validation_tables
 
-    reports = [load_split(domain, split, data_dir)[1] for split in get_domain(domain).splits]
+    reports = [load_split(domain, split, data_dir)[1] for split in get_domain(domain, data_dir).splits]
     for table in validation_tables(reports):
         console.print(table)
 
@@ -176,6 +189,48 @@ def data_fetch(source: Optional[Path] = typer.Option(None, "--from", help="Copy 
 
     path = fetch_data(dest, source)
     console.print(f"data ready in {path}")
+
+
+@data_app.command("import")
+@handle_errors
+def data_import(name: str = typer.Argument(..., help="Name of the new domain: lowercase letters, digits, - and _."),
+                qa: Path = typer.Option(..., "--qa",
+                                        help="Questions (JSON array or JSONL, RLAG schema): the train split."),
+                test: Optional[Path] = typer.Option(None, "--test",
+                                                    help="Test questions (default: hold out a seeded 20 percent of --qa)."),
+                corpus: Optional[Path] = typer.Option(None, "--corpus",
+                                                      help="Knowledge documents for records without ctx: .txt (one per "
+                                                           "line), .jsonl (a text field) or a folder of .txt/.md files."),
+                replace: bool = typer.Option(False, "--replace", help="Replace an existing user domain of that name."),
+                data_dir: Optional[str] = DataDir):
+    """Register your own domain; it then works wherever a built-in domain does (--domain NAME)."""
+    from kembed.data import validation_tables
+    from kembed.userdomains import CONTEXT_INDEX, CONTEXT_TOP_K, corpus_table, import_domain
+
+    result = import_domain(name, qa, test, corpus, data_dir, replace)
+    for table in validation_tables(result.reports):
+        console.print(table)
+    if result.corpus is not None:
+        console.print(corpus_table(result.corpus))
+    counts = ", ".join(f"{r.split} {r.kept} questions" for r in result.reports)
+    console.print(f"imported user domain '{name}' into {result.path}: {counts}"
+                  + (" (test held out from --qa)" if result.test_from == "holdout" else ""))
+    if result.retrieved:
+        console.print(f"{result.retrieved} records had no ctx: knowledge = the top {CONTEXT_TOP_K} "
+                      f"{CONTEXT_INDEX} documents of the corpus ({result.retrieved_empty} matched none)")
+
+
+@index_app.command("build")
+@handle_errors
+def index_build(domain: str = typer.Option(..., help="Domain whose knowledge documents to index."),
+                kind: str = typer.Option("bm25", help="bm25, dense or hybrid."),
+                data_dir: Optional[str] = DataDir):
+    """Build (or load from kembed's cache) a domain's retrieval index."""
+    from kembed.retrieval import build_index
+
+    built = build_index(domain, kind, data_dir)
+    state = "loaded from the cache" if built.from_cache else "built"
+    console.print(f"{kind} index of {domain}: {len(built)} documents, {state} ({built.path})")
 
 
 def run():

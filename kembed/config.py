@@ -63,6 +63,7 @@ class RunConfig(Strict):
 
     method: str
     model: str = "smollm2-135m-instruct"
+    init_from: str | None = None  # start from this run's weights (e.g. SFT after a CPT run)
     domain: str = "current-events"
     data_dir: str | None = None
     seed: int = 42

@@ -133,13 +133,13 @@ def get_domain(name: str, data_dir: str | os.PathLike | None = None) -> DomainSp
     """
     if name in DOMAINS:
         return DOMAINS[name]
-    from kembed.userdomains import find_user_domain, list_user_domains
+    from kembed.userdomains import find_user_domain, user_domain_names
 
     root = _existing_data_dir(data_dir)
     spec = find_user_domain(name, root) if root is not None else None
     if spec is not None:
         return spec
-    known = [*DOMAINS, *(s.name for s in (list_user_domains(root) if root is not None else []))]
+    known = [*DOMAINS, *(user_domain_names(root) if root is not None else [])]
     raise KembedError(f"unknown domain '{name}'; known domains: {', '.join(known)}")
 
 

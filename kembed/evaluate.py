@@ -1,19 +1,28 @@
 """Accuracy evaluation by option scoring, with bootstrap confidence intervals.
 
 ``kembed eval`` writes ``results.json`` (domain, split, mode, model, n, accuracy and ci95 per
-scorer) and ``samples.jsonl`` (one line per question: id, per-option scores of every scorer,
-predicted and gold option) into its output directory.
+scorer; ``index`` and ``top_k`` for retrieved-context, else null) and ``samples.jsonl`` (one line
+per question: id, per-option scores of every scorer, predicted and gold option; in
+retrieved-context also ``retrieved``, the ``[document index, score]`` of each retrieved
+document) into its output directory.
+
+Modes: ``closed-book`` (the question alone), ``oracle-context`` (the question's own knowledge
+snippets before it) and ``retrieved-context`` (the top-k documents that the domain index
+(:mod:`kembed.retrieval`) returns for the question text, best first, before it). Knowledge in
+the prompt is cut to the prompt format's token budget in both context modes.
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
+from kembed.prompts import truncate_knowledge
 from kembed.records import QARecord
 from kembed.scoring import SCORERS, OptionScorer
 
-MODES = ("closed-book", "oracle-context")
+MODES = ("closed-book", "oracle-context", "retrieved-context")
 
 
 def bootstrap_ci(correct: list[bool], *, resamples: int = 2000, seed: int = 0, level: float = 0.95) -> list[float]:
@@ -41,28 +50,50 @@ def bootstrap_ci(correct: list[bool], *, resamples: int = 2000, seed: int = 0, l
 
 
 def score_records(scorer: OptionScorer, records: list[QARecord], mode: str = "closed-book",
-                  progress=None) -> list[dict]:
+                  progress=None, retrieved: Mapping[str, Sequence] | None = None) -> list[dict]:
     """Score every option of every record and return one sample dict per record.
 
     Args:
         scorer: the option scorer (model, tokenizer, prompt format).
         records: the questions.
-        mode: ``closed-book`` (question only) or ``oracle-context`` (the record's own
-            knowledge snippets in the prompt).
+        mode: ``closed-book`` (question only), ``oracle-context`` (the record's own
+            knowledge snippets in the prompt) or ``retrieved-context`` (``retrieved[record.id]``
+            in the prompt).
         progress: optional callable advanced once per record.
+        retrieved: for ``retrieved-context``: record id -> the retrieved documents, best first,
+            each a text or a ``(document index, score, text)`` hit of
+            :meth:`kembed.retrieval.DomainIndex.search` (see :func:`retrieve_for`).
 
     Returns:
         Dicts with id, gold, ``scores`` (scorer -> per-option list), ``predicted``
-        (scorer -> option index) and ``correct`` (scorer -> bool).
+        (scorer -> option index) and ``correct`` (scorer -> bool); with hits, also
+        ``retrieved`` (``[document index, score]`` per hit).
 
     Raises:
-        ValueError: an unknown mode.
+        ValueError: an unknown mode, or ``retrieved-context`` without ``retrieved`` or with a
+            record missing from it.
     """
     if mode not in MODES:
         raise ValueError(f"unknown mode '{mode}' ({', '.join(MODES)})")
+    if mode == "retrieved-context":
+        if retrieved is None:
+            raise ValueError("mode 'retrieved-context' needs the retrieved documents (retrieved=...)")
+        missing = [r.id for r in records if r.id not in retrieved]
+        if missing:
+            raise ValueError(f"no retrieved documents for {len(missing)} records (first: {missing[0]})")
     samples = []
     for record in records:
-        knowledge = scorer.knowledge(record) if mode == "oracle-context" else None
+        hits = None
+        if mode == "oracle-context":
+            knowledge = scorer.knowledge(record)
+        elif mode == "retrieved-context":
+            docs = retrieved[record.id]
+            hits = None if any(isinstance(d, str) for d in docs) else docs
+            texts = tuple(d if isinstance(d, str) else d[2] for d in docs)
+            # nothing retrieved (a BM25 index with no matching word): the closed-book prompt
+            knowledge = truncate_knowledge(texts, scorer.tokenizer, scorer.prompts.knowledge_max_tokens) or None
+        else:
+            knowledge = None
         result = scorer.score(record, knowledge)
         predicted = {s: result.predict(s) for s in SCORERS}
         samples.append({
@@ -73,9 +104,23 @@ def score_records(scorer: OptionScorer, records: list[QARecord], mode: str = "cl
             "scores": {s: [round(v, 6) for v in result.scores(s)] for s in SCORERS},
             "n_tokens": result.n_tokens,
         })
+        if hits is not None:
+            samples[-1]["retrieved"] = [[int(h[0]), round(float(h[1]), 6)] for h in hits]
         if progress is not None:
             progress()
     return samples
+
+
+def retrieve_for(records: Sequence[QARecord], index, top_k: int) -> dict[str, list]:
+    """The ``top_k`` documents that ``index`` (a :class:`kembed.retrieval.DomainIndex`) returns
+    for each record's question (one batched search).
+
+    Returns:
+        record id -> list of ``(document index, score, text)`` hits, best first (fewer than
+        ``top_k`` when a BM25 index finds fewer matching documents).
+    """
+    hits = index.search_many([r.question for r in records], top_k)
+    return {r.id: h for r, h in zip(records, hits)}
 
 
 def summarize(samples: list[dict], **meta) -> dict:
@@ -89,22 +134,41 @@ def summarize(samples: list[dict], **meta) -> dict:
 
 
 def evaluate(model_name: str, records: list[QARecord], *, mode: str, placement, prompts=None,
-             implementation: str = "shared_prefix", model=None, tokenizer=None, progress=None) -> tuple[dict, list[dict]]:
+             implementation: str = "shared_prefix", model=None, tokenizer=None, progress=None,
+             index=None, top_k: int = 3) -> tuple[dict, list[dict]]:
     """Load ``model_name`` (unless ``model``/``tokenizer`` are given) and score ``records``.
 
+    Args:
+        index: for ``retrieved-context``: the :class:`kembed.retrieval.DomainIndex` to search
+            (see :func:`kembed.retrieval.build_index`).
+        top_k: documents retrieved per question (retrieved-context).
+
     Returns:
-        ``(summary, samples)`` (see ``summarize`` and ``score_records``).
+        ``(summary, samples)`` (see ``summarize`` and ``score_records``); the summary records
+        ``index`` (its kind) and ``top_k`` in retrieved-context mode, else both are None.
+
+    Raises:
+        ValueError: ``retrieved-context`` without an index, or ``top_k`` < 1.
     """
     from kembed.models import load_model, load_tokenizer
 
+    retrieved = None
+    if mode == "retrieved-context":
+        if index is None:
+            raise ValueError("mode 'retrieved-context' needs an index")
+        if top_k < 1:
+            raise ValueError(f"top_k must be >= 1, got {top_k}")
+        retrieved = retrieve_for(records, index, top_k)
     if model is None:
         tokenizer = load_tokenizer(model_name)
         model = load_model(model_name, placement)
     scorer = OptionScorer(model, tokenizer, placement, prompts, implementation)
     start = time.perf_counter()
-    samples = score_records(scorer, records, mode, progress)
+    samples = score_records(scorer, records, mode, progress, retrieved=retrieved)
     seconds = time.perf_counter() - start
     summary = summarize(samples, model=str(model_name), mode=mode, implementation=implementation,
+                        index=index.kind if retrieved is not None else None,
+                        top_k=top_k if retrieved is not None else None,
                         device=placement.device, precision=placement.precision, seconds=round(seconds, 2),
                         questions_per_second=round(len(samples) / seconds, 3) if seconds else None)
     return summary, samples
@@ -122,8 +186,8 @@ def results_table(rows: list[dict], title: str = "Accuracy"):
     for r in rows:
         cells = [f"{100 * r['accuracy'][s]:.1f} [{100 * r['ci95'][s][0]:.1f}, {100 * r['ci95'][s][1]:.1f}]"
                  for s in SCORERS]
-        table.add_row(str(r.get("model")), str(r.get("domain")), str(r.get("split")), str(r.get("mode")),
-                      str(r["n"]), *cells)
+        mode = str(r.get("mode")) + (f" ({r['index']}, k={r['top_k']})" if r.get("index") else "")
+        table.add_row(str(r.get("model")), str(r.get("domain")), str(r.get("split")), mode, str(r["n"]), *cells)
     return table
 
 

@@ -373,7 +373,7 @@ def _load_cached(path: Path, kind: str, sha: str, documents: list[str], domain: 
             embeddings = np.load(path / "embeddings.npy", allow_pickle=False)
         return DomainIndex(kind, documents, bm25=bm25, embeddings=embeddings, domain=domain, path=path,
                            from_cache=True)
-    except (OSError, ValueError, KeyError):  # unreadable or truncated: rebuild
+    except Exception:  # unreadable or truncated (any error of numpy or bm25s): rebuild
         return None
 
 

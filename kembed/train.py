@@ -111,7 +111,7 @@ class TrainContext:
 
 
 def prepare_config(method: str, recipe: str | None, overrides: list[str], *, domain: str | None = None,
-                   limit: int | None = None, data_dir: str | None = None) -> tuple[RunConfig, BaseModel, dict]:
+                   limit: int | None = None, data_dir: str | None = None, init_from: str | None = None) -> tuple[RunConfig, BaseModel, dict]:
     """Resolve a recipe plus command-line options into validated configs.
 
     Returns:
@@ -128,7 +128,7 @@ def prepare_config(method: str, recipe: str | None, overrides: list[str], *, dom
     data.setdefault("method", method)
     if data["method"] != method:
         raise KembedError(f"{path} is a recipe for '{data['method']}', not '{method}'")
-    cli = {"domain": domain, "limit": limit, "data_dir": data_dir}
+    cli = {"domain": domain, "limit": limit, "data_dir": data_dir, "init_from": init_from}
     data.update({k: v for k, v in cli.items() if v is not None})
     apply_overrides(data, overrides)
     run_cfg, method_cfg = resolve_config(data, module.Config, str(path))
@@ -142,18 +142,19 @@ def default_output(run_cfg: RunConfig) -> Path:
 
 def train(method: str, *, recipe: str | None = None, overrides: list[str] = (), output: str | None = None,
           domain: str | None = None, limit: int | None = None, data_dir: str | None = None,
-          resume: bool = False, console: Console | None = None) -> Path:
+          init_from: str | None = None, resume: bool = False, console: Console | None = None) -> Path:
     """Train ``method`` as the recipe says and return the run directory.
 
     With ``resume``, ``output`` must be an existing run; its saved config is used and training
-    continues after its last completed iteration.
+    continues after its last completed iteration. ``init_from`` (a run directory) starts a new
+    run from that run's weights instead of the recipe's model.
 
     Raises:
         KembedError (and subclasses): bad recipe, data, model or run directory.
     """
     from transformers import set_seed
 
-    from kembed.data import load_records
+    from kembed.data import get_domain, load_records
     from kembed.methods import get_method
     from kembed.models import choose_placement, load_model, load_tokenizer
 
@@ -166,23 +167,27 @@ def train(method: str, *, recipe: str | None = None, overrides: list[str] = (), 
         run_cfg, method_cfg = resolve_config(saved, get_method(saved["method"]).Config, str(run.path / "config.yaml"))
         if run_cfg.method != method:
             raise KembedError(f"{output} is a '{run_cfg.method}' run, not '{method}'")
-        if overrides or recipe or domain or limit is not None:
+        if overrides or recipe or domain or init_from or limit is not None:
             console.print("[yellow]--resume uses the run's saved config; recipe, --domain, --limit and "
                           "key=value overrides are ignored[/]")
     else:
+        if init_from and not (Path(init_from) / "kembed-run.json").is_file():
+            raise KembedError(f"--init-from {init_from}: not a kembed run directory")
         run_cfg, method_cfg, resolved = prepare_config(method, recipe, list(overrides), domain=domain,
-                                                       limit=limit, data_dir=data_dir)
+                                                       limit=limit, data_dir=data_dir, init_from=init_from)
         run = Run.create(Path(output) if output else default_output(run_cfg), resolved)
     module = get_method(method)
 
     records = load_records(run_cfg.domain, "train", run_cfg.data_dir, limit=run_cfg.limit)
     dev = []
-    if run_cfg.eval.split:
+    if run_cfg.eval.split in get_domain(run_cfg.domain, run_cfg.data_dir).splits:
         dev = load_records(run_cfg.domain, run_cfg.eval.split, run_cfg.data_dir, limit=run_cfg.eval.limit)
+    elif run_cfg.eval.split:
+        console.print(f"[yellow]{run_cfg.domain} has no '{run_cfg.eval.split}' split: no accuracy during training[/]")
     placement = choose_placement(run_cfg.device, run_cfg.precision)
     set_seed(run_cfg.seed)
     resuming = resume and run.state.get("iterations_done", 0) > 0
-    model_source = str(run.path) if resuming else run_cfg.model
+    model_source = str(run.path) if resuming else run_cfg.init_from or run_cfg.model
     tokenizer = load_tokenizer(model_source)
     lora = run_cfg.train.lora.model_dump() if run_cfg.train.lora and not resuming else None
     model = load_model(model_source, placement, lora=lora, trainable=True)

@@ -5,6 +5,7 @@ import json
 
 import torch
 import torch.nn.functional as F
+import yaml
 from typer.testing import CliRunner
 
 from conftest import make_records
@@ -102,3 +103,18 @@ def test_interrupted_epoch_resumes_from_its_checkpoint(data_dir, tiny_model_dir,
     assert result.exit_code == 0, result.output
     wa, wb = load_file(a / "model" / "model.safetensors"), load_file(b / "model" / "model.safetensors")
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_init_from_another_run(data_dir, tiny_model_dir, tmp_path):
+    from safetensors.torch import load_file
+
+    cpt_run, sft_run = tmp_path / "cpt", tmp_path / "sft"
+    assert run_method("cpt", tiny_model_dir, cpt_run, "cpt.block_size=8", "cpt.epochs=1").exit_code == 0
+    result = run_method("sft", tiny_model_dir, sft_run, "sft.epochs=1", "train.learning_rate=0", "--init-from", cpt_run)
+    assert result.exit_code == 0, result.output
+    # lr 0: the SFT run's weights are exactly the CPT run's, not the base model's
+    w_cpt, w_sft = load_file(cpt_run / "model" / "model.safetensors"), load_file(sft_run / "model" / "model.safetensors")
+    assert all(torch.equal(w_cpt[k], w_sft[k]) for k in w_cpt)
+    assert yaml.safe_load((sft_run / "config.yaml").read_text())["init_from"] == str(cpt_run)
+    bad = run_method("sft", tiny_model_dir, tmp_path / "x", "--init-from", tmp_path)
+    assert bad.exit_code == 2 and "not a kembed run" in bad.output

@@ -8,7 +8,8 @@ from __future__ import annotations
 from pydantic import Field
 
 from kembed.config import Strict
-from kembed.methods import cpt, sft
+from kembed.methods import cpt as cpt_method
+from kembed.methods import sft as sft_method
 
 NAME = "cpt-sft"
 DESCRIPTION = "CPT then SFT in one run (SFT started from the CPT weights)"
@@ -17,16 +18,16 @@ DESCRIPTION = "CPT then SFT in one run (SFT started from the CPT weights)"
 class Config(Strict):
     """The ``cpt-sft:`` recipe section: a ``cpt:`` and an ``sft:`` subsection."""
 
-    cpt: cpt.Config = Field(default_factory=cpt.Config)
-    sft: sft.Config = Field(default_factory=sft.Config)
+    cpt: cpt_method.Config = Field(default_factory=cpt_method.Config)
+    sft: sft_method.Config = Field(default_factory=sft_method.Config)
 
 
 def train(ctx) -> None:
     """Stage 1 (CPT) then stage 2 (SFT), each saved when done."""
     done = ctx.run.state.get("iterations_done", 0)
     if done < 1:
-        cpt.run_stage(ctx, ctx.method_config.cpt, "stage 1 cpt")
+        cpt_method.run_stage(ctx, ctx.method_config.cpt, "stage 1 cpt")
         ctx.finish_iteration(1)
     if done < 2:
-        sft.run_stage(ctx, ctx.method_config.sft, "stage 2 sft")
+        sft_method.run_stage(ctx, ctx.method_config.sft, "stage 2 sft")
         ctx.finish_iteration(2)
