@@ -89,7 +89,7 @@ def test_raft_config_checks():
 
 def test_simrag_candidates_must_occur_in_the_document():
     doc = "In 2024 the FAA grounded the Boeing 737 MAX 9 after the Alaska Airlines incident."
-    reply = "1. Boeing 737 MAX 9\n- FAA\n* Delta Air Lines\n2024\nFAA"
+    reply = "1. Boeing 737 MAX 9\n- FAA\n* Delta Air Lines\n2024\nFAA\nA ground"
     assert simrag.parse_candidates(reply, doc, 5) == ["Boeing 737 MAX 9", "FAA", "2024"]
     assert simrag.parse_candidates(reply, doc, 1) == ["Boeing 737 MAX 9"]
 

@@ -75,12 +75,14 @@ def question_prompt(document: str, answer: str, qtype: str) -> str:
 
 def parse_candidates(reply: str, document: str, n: int) -> list[str]:
     """Candidate answers from the model's reply: one per line (bullets and numbering removed),
-    1-60 characters, occurring in the document (case-insensitive), first ``n`` distinct."""
+    1-60 characters, occurring in the document as whole words (case-insensitive), first ``n``
+    distinct."""
     found, seen = [], set()
     for line in re.split(r"[\n;]", reply):
         cand = re.sub(r"^\s*(?:[-*\u2022]|\d+[.)])\s*", "", line).strip().strip(".,:\"'")
         key = cand.lower()
-        if 0 < len(cand) <= 60 and key not in seen and key in document.lower():
+        occurs = re.search(rf"(?<!\w){re.escape(cand)}(?!\w)", document, flags=re.IGNORECASE)
+        if 0 < len(cand) <= 60 and key not in seen and occurs:
             found.append(cand)
             seen.add(key)
         if len(found) == n:
