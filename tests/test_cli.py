@@ -129,7 +129,9 @@ def test_bad_recipe_key_and_existing_output(data_dir, tiny_model_dir, tmp_path):
     assert (tmp_path / "full" / "keep.txt").read_text() == "earlier results"
 
 
-def test_unknown_domain_and_method(data_dir):
+def test_unknown_domain_and_method(data_dir, tmp_path):
     assert "unknown method" in invoke("train", "nope").output
     result = invoke("eval", "--domain", "nowhere")
     assert result.exit_code == 2 and "nowhere" in result.output
+    result = invoke("train", "rlag", "--domain", "nowhere", "--output", tmp_path / "run")
+    assert result.exit_code == 2 and not (tmp_path / "run").exists()  # nothing written before the data loads

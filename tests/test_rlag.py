@@ -194,7 +194,8 @@ def test_sampling_pairs_and_counts():
 def test_split_chunks_is_seeded_and_complete():
     records = make_records(10)
     chunks = rlag.split_chunks(records, 3, seed=1)
-    assert [len(c) for c in chunks] == [4, 4, 2]
+    assert [len(c) for c in chunks] == [3, 3, 4]
+    assert [len(c) for c in rlag.split_chunks(make_records(4), 3, seed=0)] == [1, 1, 2]
     assert sorted(r.id for c in chunks for r in c) == sorted(r.id for r in records)
     assert chunks == rlag.split_chunks(records, 3, seed=1) != rlag.split_chunks(records, 3, seed=2)
 

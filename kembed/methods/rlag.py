@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from pydantic import model_validator
 
 from kembed.config import Strict
+from kembed.errors import ConfigError
 from kembed.methods.common import chat_answer_ids, left_pad
 from kembed.records import QARecord
 from kembed.scoring import gather_logprobs
@@ -306,11 +307,11 @@ def sample_pairs(scorer, records: list[QARecord], cfg: Config, progress=None) ->
 
 
 def split_chunks(records: list[QARecord], n: int, seed: int) -> list[list[QARecord]]:
-    """Shuffle (seeded) and cut into ``n`` contiguous chunks of ceil(len / n) records."""
+    """Shuffle (seeded) and cut into ``n`` contiguous chunks whose sizes differ by at most one
+    (the reference's ceil-sized chunks can leave the last one empty)."""
     order = list(records)
     random.Random(seed).shuffle(order)
-    size = -(-len(order) // n)
-    return [order[i * size:(i + 1) * size] for i in range(n)]
+    return [order[i * len(order) // n:(i + 1) * len(order) // n] for i in range(n)]
 
 
 # ----------------------------------------------------------------------------- training
@@ -326,6 +327,8 @@ def train(ctx) -> None:
     from kembed.runs import write_jsonl
     from kembed.scoring import OptionScorer
     cfg: Config = ctx.method_config
+    if len(ctx.records) < cfg.chunks:
+        raise ConfigError(f"rlag.chunks = {cfg.chunks} is more than the {len(ctx.records)} training records")
     chunks = split_chunks(ctx.records, cfg.chunks, ctx.config.seed)
     total = cfg.chunks * cfg.passes
     collate = make_collate(ctx.tokenizer.pad_token_id)
