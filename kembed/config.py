@@ -134,7 +134,7 @@ def resolve_config(data: dict, method_config_cls: type[BaseModel], source: str) 
     """
     data = dict(data)
     method = data.get("method")
-    section = data.pop(method, None) or {} if isinstance(method, str) else {}
+    section = (data.pop(method, None) if isinstance(method, str) else None) or {}
     try:
         run = RunConfig.model_validate(data)
     except ValidationError as e:

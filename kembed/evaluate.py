@@ -174,20 +174,31 @@ def evaluate(model_name: str, records: list[QARecord], *, mode: str, placement, 
     return summary, samples
 
 
+def _model_label(model: str) -> str:
+    """A short name for a model argument: a run directory's folder name, else the argument."""
+    path = Path(model)
+    return path.name if path.name and (path / "kembed-run.json").exists() else model
+
+
 def results_table(rows: list[dict], title: str = "Accuracy"):
-    """A rich table with one row per results summary: accuracy and 95% CI per scorer (%)."""
+    """A rich table with one row per results summary: accuracy and 95% CI per scorer (%).
+    Domain and split go in the title when all rows share them."""
     from rich.table import Table
 
+    shared = {k: {str(r.get(k)) for r in rows} for k in ("domain", "split")}
+    per_row = [k for k, values in shared.items() if len(values) > 1]
+    if not per_row and rows:
+        title = f"{title}: {rows[0].get('domain')} / {rows[0].get('split')}"
     table = Table(title=title)
-    for col in ("model", "domain", "split", "mode", "n"):
-        table.add_column(col)
+    for col in ("model", *per_row, "mode", "n"):
+        table.add_column(col, overflow="fold")
     for s in SCORERS:
         table.add_column(f"{s} % [95% CI]", justify="right")
     for r in rows:
-        cells = [f"{100 * r['accuracy'][s]:.1f} [{100 * r['ci95'][s][0]:.1f}, {100 * r['ci95'][s][1]:.1f}]"
+        cells = [f"{100 * r['accuracy'][s]:.1f} [{100 * r['ci95'][s][0]:.1f}-{100 * r['ci95'][s][1]:.1f}]"
                  for s in SCORERS]
         mode = str(r.get("mode")) + (f" ({r['index']}, k={r['top_k']})" if r.get("index") else "")
-        table.add_row(str(r.get("model")), str(r.get("domain")), str(r.get("split")), mode, str(r["n"]), *cells)
+        table.add_row(_model_label(str(r.get("model"))), *[str(r.get(k)) for k in per_row], mode, str(r["n"]), *cells)
     return table
 
 
