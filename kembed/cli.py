@@ -100,9 +100,13 @@ def evaluate(domain: str = typer.Option(..., help="Domain to evaluate on."),
     from kembed.evaluate import MODES, evaluate as run_eval, results_table, write_results
     from kembed.models import choose_placement
 
+    from kembed.retrieval import KINDS, build_index
+    from kembed.scoring import IMPLEMENTATIONS
+
     if mode not in MODES:
         raise KembedError(f"unknown --mode '{mode}' (choose from {', '.join(MODES)})")
-    from kembed.retrieval import KINDS, build_index
+    if scorer not in IMPLEMENTATIONS:
+        raise KembedError(f"unknown --scorer '{scorer}' (choose from {', '.join(IMPLEMENTATIONS)})")
 
     if index not in KINDS:
         raise KembedError(f"unknown --index '{index}' (choose from {', '.join(KINDS)})")
@@ -137,7 +141,10 @@ def results(paths: list[Path] = typer.Argument(..., help="results.json files or 
         f = p / "results.json" if p.is_dir() else p
         if not f.is_file():
             raise KembedError(f"{f}: no such results file")
-        rows.append(json.loads(f.read_text()))
+        try:
+            rows.append(json.loads(f.read_text()))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise KembedError(f"{f}: not a kembed results file ({e})") from None
     console.print(results_table(rows))
 
 

@@ -43,11 +43,12 @@ class TrainConfig(Strict):
     learning_rate: float = 1e-5
     batch_size: int = 4
     grad_accum: int = 1
-    warmup_ratio: float = 0.1
+    warmup_ratio: float = Field(0.1, ge=0, lt=1)
     lr_scheduler: str = "constant_with_warmup"
     max_grad_norm: float = 1.0
     weight_decay: float = 0.0
     adam_beta2: float = 0.999
+    checkpoints: bool = True  # keep a resumable checkpoint after every epoch (weights + optimiser)
     lora: LoraSettings | None = None
 
 

@@ -140,8 +140,11 @@ def materialize_builtin(name: str) -> Path:
         tokenizer.save_pretrained(tmp)
         (tmp / "kembed-source.json").write_text(json.dumps({"gguf": str(gguf)}) + "\n")
         tmp.rename(target)
-    except FileExistsError:  # another process finished first
+    except OSError:
         shutil.rmtree(tmp, ignore_errors=True)
+        if not (target / "config.json").is_file():
+            raise
+        # another process finished the same cache first
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

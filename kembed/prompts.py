@@ -48,6 +48,14 @@ class PromptFormat(BaseModel):
         return self.chat_with_knowledge.format(question=record.question, knowledge="\n".join(knowledge))
 
 
+def cut_tokens(tokenizer, text: str, max_tokens: int) -> str:
+    """``text`` cut to its first ``max_tokens`` tokens (unchanged when shorter or ``max_tokens <= 0``)."""
+    if max_tokens <= 0:
+        return text
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    return text if len(ids) <= max_tokens else tokenizer.decode(ids[:max_tokens])
+
+
 def truncate_knowledge(snippets: tuple[str, ...], tokenizer, max_tokens: int) -> tuple[str, ...]:
     """Keep snippets in order within ``max_tokens`` tokens; cut the one that crosses the budget.
 

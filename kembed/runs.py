@@ -92,6 +92,8 @@ class Run:
             KembedError: ``path`` exists and is not empty (use ``--resume`` or a new folder).
         """
         path = Path(path)
+        if path.exists() and not path.is_dir():
+            raise KembedError(f"{path} is a file, not a run directory")
         if path.exists() and any(path.iterdir()):
             raise KembedError(f"{path} already exists and is not empty: pass --resume to continue that run "
                               "or choose another --output")
@@ -135,11 +137,12 @@ class Run:
     def save_model(self, model, tokenizer) -> Path:
         """Save the model (HF format; a LoRA adapter for peft models) and tokenizer to
         ``model/``, replacing the previous one only once the new one is complete."""
-        target = self.path / "model"
-        tmp = Path(tempfile.mkdtemp(dir=self.path, prefix=".model-"))
+        target, old = self.path / "model", self.path / ".model-old"
+        for stale in self.path.glob(".model-*"):  # left by an interrupted save
+            shutil.rmtree(stale, ignore_errors=True)
+        tmp = Path(tempfile.mkdtemp(dir=self.path, prefix=".model-new-"))
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        old = self.path / ".model-old"
         if target.exists():
             target.rename(old)
         tmp.rename(target)

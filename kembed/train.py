@@ -64,8 +64,9 @@ class TrainContext:
     def fit(self, examples: list[dict], collate, loss_fn, *, epochs: float, seed: int, label: str) -> dict:
         """Train on ``examples`` through the shared backend, logging every step to metrics.jsonl.
 
-        A checkpoint is kept after every epoch under ``checkpoints/<label>``, so that an
-        interrupted ``fit`` with the same label resumes from its last epoch.
+        Unless ``train.checkpoints`` is off, a checkpoint is kept after every epoch under
+        ``checkpoints/<label>``, so that an interrupted ``fit`` with the same label resumes from
+        its last epoch.
         """
         from kembed.training import fit
 
@@ -77,7 +78,9 @@ class TrainContext:
         def on_log(step, logs):
             self.run.log("train", label=label, step=step, **logs)
 
-        checkpoints = self.run.path / "checkpoints" / re.sub(r"[^A-Za-z0-9]+", "-", label).strip("-")
+        checkpoints = None
+        if self.config.train.checkpoints:
+            checkpoints = self.run.path / "checkpoints" / re.sub(r"[^A-Za-z0-9]+", "-", label).strip("-")
         try:
             metrics = fit(self.model, examples, collate, loss_fn, self.config.train, self.placement,
                           epochs=epochs, seed=seed, checkpoint_dir=checkpoints, on_log=on_log, on_step=on_step)
@@ -105,9 +108,9 @@ class TrainContext:
         """Save the model, measure dev accuracy if configured, and record progress (``done``
         iterations completed) so that ``--resume`` continues after it."""
         self.run.save_model(self.model, self.tokenizer)
+        self.run.save_state(iterations_done=done)  # right after the weights it describes
         shutil.rmtree(self.run.path / "checkpoints", ignore_errors=True)  # mid-iteration checkpoints
         self.run.log("iteration_end", iteration=done, **self.dev_accuracy(f"after iteration {done}"))
-        self.run.save_state(iterations_done=done)
 
 
 def prepare_config(method: str, recipe: str | None, overrides: list[str], *, domain: str | None = None,
@@ -170,6 +173,8 @@ def train(method: str, *, recipe: str | None = None, overrides: list[str] = (), 
         if overrides or recipe or domain or init_from or limit is not None:
             console.print("[yellow]--resume uses the run's saved config; recipe, --domain, --limit and "
                           "key=value overrides are ignored[/]")
+        if data_dir:  # where the data lives may change between sessions; what it is may not
+            run_cfg.data_dir = data_dir
     else:
         if init_from and not (Path(init_from) / "kembed-run.json").is_file():
             raise KembedError(f"--init-from {init_from}: not a kembed run directory")

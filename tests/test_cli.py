@@ -135,3 +135,39 @@ def test_unknown_domain_and_method(data_dir, tmp_path):
     assert result.exit_code == 2 and "nowhere" in result.output
     result = invoke("train", "rlag", "--domain", "nowhere", "--output", tmp_path / "run")
     assert result.exit_code == 2 and not (tmp_path / "run").exists()  # nothing written before the data loads
+
+
+def test_interrupted_dev_eval_keeps_the_finished_iteration(data_dir, tiny_model_dir, tmp_path, monkeypatch):
+    from kembed.train import TrainContext
+
+    out, calls = tmp_path / "run", []
+    real = TrainContext.dev_accuracy
+
+    def interrupting(self, label):
+        calls.append(label)
+        if label == "after iteration 1":
+            raise KeyboardInterrupt
+        return real(self, label)
+
+    monkeypatch.setattr(TrainContext, "dev_accuracy", interrupting)
+    assert invoke(*train_args(tiny_model_dir, out)).exit_code == 130
+    # the weights of iteration 1 are saved and counted: resuming trains iteration 2 only
+    assert json.loads((out / "state.json").read_text()) == {"iterations_done": 1}
+    monkeypatch.setattr(TrainContext, "dev_accuracy", real)
+    assert invoke("train", "rlag", "--output", out, "--resume").exit_code == 0
+    sampled = [json.loads(line)["iteration"] for line in (out / "metrics.jsonl").read_text().splitlines()
+               if json.loads(line)["event"] == "sampling"]
+    assert sampled == [1, 2]
+
+
+def test_one_line_errors_for_bad_cli_input(data_dir, tiny_model_dir, tmp_path):
+    result = invoke("eval", "--domain", "current-events", "--model", tiny_model_dir, "--scorer", "bogus")
+    assert result.exit_code == 2 and "--scorer" in result.output
+    bad = tmp_path / "results.json"
+    bad.write_text("{not json")
+    result = invoke("results", bad)
+    assert result.exit_code == 2 and "results.json" in result.output and "Traceback" not in result.output
+    a_file = tmp_path / "file"
+    a_file.write_text("")
+    result = invoke(*train_args(tiny_model_dir, a_file))
+    assert result.exit_code == 2 and "is a file" in result.output

@@ -43,6 +43,12 @@ def test_raft_mixture_honours_p_and_k(p):
         assert e["builder"] == "extractive"
 
 
+def test_raft_record_without_knowledge_has_no_oracle():
+    record = QARecord("q", "toy", "train", "Q?", ("a", "b"), ("A", "B"), 0, ())
+    example = raft.build_examples([record], raft.Config(p=1.0, k=2, distractors="random"), DOCS, seed=0)[0]
+    assert not example["has_oracle"] and len(example["documents"]) == 2
+
+
 def test_raft_retrieved_distractors_are_hard_negatives_without_the_oracle():
     record = QARecord("q1", "toy", "train", "Where does the Eiffel Tower stand?", ("Paris", "Rome"), ("A", "B"), 0,
                       ("The Eiffel Tower stands in Paris near the Seine.",))

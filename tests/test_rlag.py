@@ -191,6 +191,14 @@ def test_sampling_pairs_and_counts():
     assert counts["chosen_correct"] == 3
 
 
+def test_records_without_knowledge_are_inert():
+    record = make_records(1)[0]
+    bare = type(record)(record.id, record.domain, record.split, record.question, record.options, record.labels,
+                        record.answer_index, ())
+    pairs, _ = rlag.sample_pairs(FixedScorer(), [bare], Config())
+    assert pairs[0]["chosen_index"] == pairs[0]["rejected_index"] and (pairs[0]["beta_D"], pairs[0]["beta_A"]) == (0, 0)
+
+
 def test_split_chunks_is_seeded_and_complete():
     records = make_records(10)
     chunks = rlag.split_chunks(records, 3, seed=1)

@@ -20,6 +20,7 @@ from pydantic import model_validator
 
 from kembed.config import Strict
 from kembed.methods.common import chat_answer_ids, lm_loss, make_lm_collate
+from kembed.prompts import cut_tokens
 from kembed.records import QARecord
 
 NAME = "raft"
@@ -142,7 +143,8 @@ def choose_distractors(record: QARecord, oracle: list[str], k: int, documents: l
 def build_examples(records: list[QARecord], cfg: Config, documents: list[str], seed: int, index=None,
                    truncate=lambda d: d) -> list[dict]:
     """The RAFT mixture: exactly round(P * n) examples (a seeded choice) get the oracle
-    documents; every example gets k distractors; document order is shuffled.
+    documents (none for a record without knowledge snippets); every example gets k
+    distractors; document order is shuffled.
 
     Returns:
         Dicts with id, has_oracle, documents (prompt order), oracle, target (extractive; the
@@ -154,9 +156,10 @@ def build_examples(records: list[QARecord], cfg: Config, documents: list[str], s
     for i, record in enumerate(records):
         oracle = oracle_documents(record, cfg.oracle_docs)
         distractors = choose_distractors(record, oracle, cfg.k, documents, rng, index)
-        docs = [truncate(d) for d in (oracle if i in with_oracle else []) + distractors]
+        has_oracle = i in with_oracle and bool(oracle)
+        docs = [truncate(d) for d in (oracle if has_oracle else []) + distractors]
         rng.shuffle(docs)
-        examples.append({"id": record.id, "has_oracle": i in with_oracle, "documents": docs, "oracle": oracle,
+        examples.append({"id": record.id, "has_oracle": has_oracle, "documents": docs, "oracle": oracle,
                          "target": extractive_target(record, oracle, cfg.quote_sentences), "builder": "extractive"})
     return examples
 
@@ -194,13 +197,8 @@ def train(ctx) -> None:
     documents = domain_documents(ctx.config.domain, ctx.config.data_dir)
     index = build_index(ctx.config.domain, cfg.index, ctx.config.data_dir) if cfg.distractors == "retrieved" else None
 
-    def truncate(doc: str) -> str:
-        if cfg.max_doc_tokens <= 0:
-            return doc
-        ids = ctx.tokenizer(doc, add_special_tokens=False)["input_ids"]
-        return doc if len(ids) <= cfg.max_doc_tokens else ctx.tokenizer.decode(ids[:cfg.max_doc_tokens])
-
-    examples = build_examples(ctx.records, cfg, documents, ctx.config.seed, index, truncate)
+    examples = build_examples(ctx.records, cfg, documents, ctx.config.seed, index,
+                              lambda doc: cut_tokens(ctx.tokenizer, doc, cfg.max_doc_tokens))
     if cfg.target == "teacher":
         apply_teacher(examples, ctx.records, make_teacher(cfg.teacher, ctx.placement))
     write_jsonl(ctx.run.path / "raft_examples.jsonl", examples)

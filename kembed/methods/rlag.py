@@ -170,7 +170,7 @@ def knowledge_rows(tokenizer, snippets: tuple[str, ...], mode: str) -> list[list
 def build_example(tokenizer, record: QARecord, pair: dict, prompts, cfg: Config) -> dict:
     """Tokenize one sampled pair into the chosen, rejected and knowledge sequences."""
     knowledge = tuple(pair["knowledge"])
-    chosen_ids, chosen_mask = chat_answer_ids(tokenizer, prompts.chat_prompt(record, knowledge),
+    chosen_ids, chosen_mask = chat_answer_ids(tokenizer, prompts.chat_prompt(record, knowledge or None),
                                               record.options[pair["chosen_index"]], cfg.answer_span)
     rejected_ids, rejected_mask = chat_answer_ids(tokenizer, prompts.chat_prompt(record, None),
                                                   record.options[pair["rejected_index"]], cfg.answer_span)
@@ -275,6 +275,9 @@ def sample_pairs(scorer, records: list[QARecord], cfg: Config, progress=None) ->
     """Sample chosen/rejected answers with the current weights (gold labels only for the
     ``chosen_is_gold`` ablation and for the logged counts).
 
+    A record without knowledge snippets gets betas (0, 0): with nothing to augment the prompt,
+    its loss is a constant.
+
     Returns:
         ``(pairs, counts)``: one dict per record (ids and indices of chosen/rejected, betas,
         the truncated knowledge, per-option token_mean scores) and the reference's counts
@@ -284,13 +287,13 @@ def sample_pairs(scorer, records: list[QARecord], cfg: Config, progress=None) ->
     pairs = []
     counts = {"records": len(records), "chosen_correct": 0, "rejected_correct": 0, "chosen_failure": 0, "same": 0}
     for record in records:
-        knowledge = scorer.knowledge(record)
+        knowledge = scorer.knowledge(record) or None  # no snippets: the "augmented" prompt is the naive one
         augmented = scorer.score(record, knowledge)
         naive = scorer.score(record, None)
         chosen = record.answer_index if cfg.chosen_is_gold else augmented.predict("token_mean")
         rejected = naive.predict("token_mean")
         same = chosen == rejected
-        beta_D, beta_A = cfg.betas(same)
+        beta_D, beta_A = cfg.betas(same) if knowledge else (0.0, 0.0)  # no knowledge: a constant loss
         counts["chosen_correct"] += chosen == record.answer_index
         counts["rejected_correct"] += rejected == record.answer_index
         counts["chosen_failure"] += chosen != record.answer_index and rejected == record.answer_index
@@ -300,7 +303,7 @@ def sample_pairs(scorer, records: list[QARecord], cfg: Config, progress=None) ->
                       "chosen": record.options[chosen], "rejected": record.options[rejected],
                       "augmented_scores": [round(v, 5) for v in augmented.scores("token_mean")],
                       "naive_scores": [round(v, 5) for v in naive.scores("token_mean")],
-                      "knowledge": list(knowledge)})
+                      "knowledge": list(knowledge or ())})
         if progress is not None:
             progress()
     return pairs, counts

@@ -28,6 +28,7 @@ from typing import Literal
 from kembed.config import Strict
 from kembed.errors import DataError
 from kembed.methods.common import chat_answer_ids, lm_loss, make_lm_collate
+from kembed.prompts import cut_tokens
 
 NAME = "simrag"
 DESCRIPTION = "SimRAG: self-generated QA pairs from domain documents, round-trip retrieval filter, then SFT"
@@ -189,11 +190,11 @@ def train(ctx) -> None:
     if done < 1:
         if stage1:
             _finetune(ctx, stage1, "stage I")
+            ctx.finish_iteration(1)
         else:
             ctx.run.log("notice", message="SimRAG Stage I skipped: no stage1_files in the recipe")
             ctx.console.print("[yellow]SimRAG Stage I skipped[/]: the recipe names no general instruction / "
                               "context-QA files (simrag.stage1_files)")
-        ctx.finish_iteration(1)
     if done >= 2:
         return
     rng = random.Random(ctx.config.seed)
@@ -202,14 +203,11 @@ def train(ctx) -> None:
     if cfg.documents is not None and cfg.documents < len(documents):
         documents = [documents[i] for i in sorted(rng.sample(range(len(documents)), cfg.documents))]
 
-    def cut(doc: str) -> str:
-        ids = ctx.tokenizer(doc, add_special_tokens=False)["input_ids"]
-        return doc if cfg.max_doc_tokens <= 0 or len(ids) <= cfg.max_doc_tokens else ctx.tokenizer.decode(ids[:cfg.max_doc_tokens])
-
     generator = LocalGenerator(ctx.model, ctx.tokenizer, ctx.placement, max_new_tokens=cfg.max_new_tokens,
                                batch_size=cfg.generation_batch_size, name="policy")
     with ctx.task("SimRAG: generating", len(documents) * (1 + cfg.answers_per_document * len(cfg.question_types))) as adv:
-        pairs = generate_pairs(generator, index, [cut(d) for d in documents], cfg, rng, progress=adv)
+        cut = [cut_tokens(ctx.tokenizer, d, cfg.max_doc_tokens) for d in documents]
+        pairs = generate_pairs(generator, index, cut, cfg, rng, progress=adv)
     kept = [p for p in pairs if p["kept"]]
     write_jsonl(ctx.run.path / "simrag_generated.jsonl", pairs)
     write_jsonl(ctx.run.path / "simrag_kept.jsonl", kept)
