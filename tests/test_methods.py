@@ -118,3 +118,17 @@ def test_init_from_another_run(data_dir, tiny_model_dir, tmp_path):
     assert yaml.safe_load((sft_run / "config.yaml").read_text())["init_from"] == str(cpt_run)
     bad = run_method("sft", tiny_model_dir, tmp_path / "x", "--init-from", tmp_path)
     assert bad.exit_code == 2 and "not a kembed run" in bad.output
+
+
+def test_raft_and_simrag_train_through_the_cli(data_dir, tiny_model_dir, tmp_path, monkeypatch):
+    monkeypatch.setenv("KEMBED_CACHE_DIR", str(tmp_path / "cache"))
+    raft = tmp_path / "raft"
+    result = run_method("raft", tiny_model_dir, raft, "raft.epochs=1", "raft.k=1")
+    assert result.exit_code == 0, result.output
+    examples = [json.loads(line) for line in (raft / "raft_examples.jsonl").read_text().splitlines()]
+    assert len(examples) == 4 and {e["builder"] for e in examples} == {"extractive"}
+    simrag = tmp_path / "simrag"
+    result = run_method("simrag", tiny_model_dir, simrag, "simrag.documents=2", "simrag.max_new_tokens=4")
+    assert result.exit_code == 0, result.output
+    assert (simrag / "simrag_generated.jsonl").exists()
+    assert json.loads((simrag / "state.json").read_text()) == {"iterations_done": 2}

@@ -62,3 +62,10 @@ def lm_loss(model, batch: dict) -> tuple[torch.Tensor, dict]:
     out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], position_ids=positions,
                 labels=batch["labels"])
     return out.loss, {}
+
+
+def fit_lm(ctx, examples: list[dict], epochs: float, label: str) -> dict:
+    """Train ``{"input_ids", "loss_mask"}`` examples with the answer-only LM loss through the
+    shared backend (``TrainContext.fit``): the one training call of CPT, SFT, RAFT and SimRAG."""
+    return ctx.fit(examples, make_lm_collate(ctx.tokenizer.pad_token_id), lm_loss, epochs=epochs,
+                   seed=ctx.config.seed, label=label)

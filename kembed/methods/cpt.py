@@ -7,7 +7,7 @@ unique train-split knowledge snippets; never the test split's.
 from __future__ import annotations
 
 from kembed.config import Strict
-from kembed.methods.common import lm_loss, make_lm_collate
+from kembed.methods.common import fit_lm
 
 NAME = "cpt"
 DESCRIPTION = "CPT: causal-LM loss on the domain knowledge text in fixed-size token blocks"
@@ -46,8 +46,7 @@ def run_stage(ctx, cfg: Config, label: str) -> None:
     ctx.run.log("cpt_corpus", documents=len(documents), blocks=len(blocks), block_size=cfg.block_size)
     ctx.console.print(f"CPT corpus: {len(documents)} documents -> {len(blocks)} blocks of {cfg.block_size} tokens")
     examples = [{"input_ids": b, "loss_mask": [1] * len(b)} for b in blocks]
-    ctx.fit(examples, make_lm_collate(ctx.tokenizer.pad_token_id), lm_loss, epochs=cfg.epochs,
-            seed=ctx.config.seed, label=label)
+    fit_lm(ctx, examples, cfg.epochs, label)
 
 
 def train(ctx) -> None:

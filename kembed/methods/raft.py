@@ -19,7 +19,7 @@ from typing import Literal
 from pydantic import model_validator
 
 from kembed.config import Strict
-from kembed.methods.common import chat_answer_ids, lm_loss, make_lm_collate
+from kembed.methods.common import chat_answer_ids, fit_lm
 from kembed.prompts import cut_tokens
 from kembed.records import QARecord
 
@@ -211,6 +211,5 @@ def train(ctx) -> None:
     for record, example in zip(ctx.records, examples):
         ids, mask = chat_answer_ids(ctx.tokenizer, user_prompt(record, example["documents"]), example["target"])
         tokenized.append({"input_ids": ids, "loss_mask": mask})
-    ctx.fit(tokenized, make_lm_collate(ctx.tokenizer.pad_token_id), lm_loss, epochs=cfg.epochs,
-            seed=ctx.config.seed, label="raft")
+    fit_lm(ctx, tokenized, cfg.epochs, "raft")
     ctx.finish_iteration(1)

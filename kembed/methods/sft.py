@@ -5,7 +5,7 @@ answer tokens only (methods.md, "SFT"; the reference shows the question without 
 from __future__ import annotations
 
 from kembed.config import Strict
-from kembed.methods.common import chat_answer_ids, lm_loss, make_lm_collate
+from kembed.methods.common import chat_answer_ids, fit_lm
 from kembed.records import QARecord
 
 NAME = "sft"
@@ -41,8 +41,7 @@ def build_example(tokenizer, record: QARecord, prompts, cfg: Config) -> dict:
 def run_stage(ctx, cfg: Config, label: str) -> None:
     """Train SFT on ``ctx.records`` through the shared backend (used by ``cpt-sft`` too)."""
     examples = [build_example(ctx.tokenizer, r, ctx.config.prompts, cfg) for r in ctx.records]
-    ctx.fit(examples, make_lm_collate(ctx.tokenizer.pad_token_id), lm_loss, epochs=cfg.epochs,
-            seed=ctx.config.seed, label=label)
+    fit_lm(ctx, examples, cfg.epochs, label)
 
 
 def train(ctx) -> None:

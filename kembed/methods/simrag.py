@@ -27,7 +27,7 @@ from typing import Literal
 
 from kembed.config import Strict
 from kembed.errors import DataError
-from kembed.methods.common import chat_answer_ids, lm_loss, make_lm_collate
+from kembed.methods.common import chat_answer_ids, fit_lm
 from kembed.prompts import cut_tokens
 
 NAME = "simrag"
@@ -173,8 +173,7 @@ def _finetune(ctx, pairs: list[dict], label: str) -> None:
     for pair in pairs:
         ids, mask = chat_answer_ids(ctx.tokenizer, pair["prompt"], pair["target"])
         examples.append({"input_ids": ids, "loss_mask": mask})
-    ctx.fit(examples, make_lm_collate(ctx.tokenizer.pad_token_id), lm_loss, epochs=ctx.method_config.epochs,
-            seed=ctx.config.seed, label=label)
+    fit_lm(ctx, examples, ctx.method_config.epochs, label)
 
 
 def train(ctx) -> None:
