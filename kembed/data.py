@@ -74,6 +74,9 @@ UPSTREAM_COMMIT = "ebc874f3da31b949c29ded7b298a5d6e60eb8cfc"
 UPSTREAM_ZIP_URL = f"https://codeload.github.com/ChaojunNie/RLAG/zip/{UPSTREAM_COMMIT}"
 EXTRA_FILES = ("PROVENANCE.md", "LICENSE")
 USER_FOLDER = "user"  # users' own domains: <data dir>/user/<name>/ (see kembed.userdomains)
+USER_DOMAIN_NAME = re.compile(r"[a-z0-9][a-z0-9_-]{0,63}")
+USER_DOMAIN_FILE = "domain.json"
+USER_DOMAIN_FORMAT = 1
 
 
 @dataclass(frozen=True)
@@ -133,8 +136,6 @@ def get_domain(name: str, data_dir: str | os.PathLike | None = None) -> DomainSp
     """
     if name in DOMAINS:
         return DOMAINS[name]
-    from kembed.userdomains import find_user_domain, user_domain_names
-
     root = _existing_data_dir(data_dir)
     spec = find_user_domain(name, root) if root is not None else None
     if spec is not None:
@@ -150,8 +151,6 @@ def list_domains(data_dir: str | os.PathLike | None = None) -> dict[str, DomainS
     Raises:
         DataError: a user domain's ``domain.json`` is malformed.
     """
-    from kembed.userdomains import list_user_domains
-
     root = _existing_data_dir(data_dir)
     users = list_user_domains(root) if root is not None else []
     return {**DOMAINS, **{spec.name: spec for spec in users}}
@@ -160,6 +159,66 @@ def list_domains(data_dir: str | os.PathLike | None = None) -> dict[str, DomainS
 def _existing_data_dir(data_dir: str | os.PathLike | None) -> Path | None:
     path, _ = choose_data_dir(data_dir)
     return path if path.is_dir() else None
+
+
+# --- the user-domain registry (written by kembed.userdomains) -----------------------------
+
+def user_domain_dir(name: str, root: Path) -> Path:
+    """Where the user domain ``name`` lives in the data directory ``root``."""
+    return Path(root) / USER_FOLDER / name
+
+
+def find_user_domain(name: str, root: Path) -> DomainSpec | None:
+    """The spec of the user domain ``name`` in the data directory ``root``, or None.
+
+    Raises:
+        DataError: its ``domain.json`` is unreadable or malformed.
+    """
+    if not USER_DOMAIN_NAME.fullmatch(name):
+        return None
+    path = user_domain_dir(name, root) / USER_DOMAIN_FILE
+    return read_user_spec(path, name) if path.is_file() else None
+
+
+def user_domain_names(root: Path) -> list[str]:
+    """The names of the user domains in the data directory ``root`` (folders holding a
+    ``domain.json``; not parsed), sorted."""
+    folder = Path(root) / USER_FOLDER
+    if not folder.is_dir():
+        return []
+    return [p.name for p in sorted(folder.iterdir()) if USER_DOMAIN_NAME.fullmatch(p.name) and (p / USER_DOMAIN_FILE).is_file()]
+
+
+def list_user_domains(root: Path) -> list[DomainSpec]:
+    """The user domains in the data directory ``root``, by name.
+
+    Raises:
+        DataError: a ``domain.json`` is unreadable or malformed.
+    """
+    return [read_user_spec(user_domain_dir(name, root) / USER_DOMAIN_FILE, name) for name in user_domain_names(root)]
+
+
+def read_user_spec(path: Path, name: str) -> DomainSpec:
+    """The spec in a user domain's ``domain.json`` at ``path``.
+
+    Raises:
+        DataError: the file is unreadable or not a user-domain file for ``name``.
+    """
+    fix = "; import the domain again (kembed data import --replace)"
+    try:
+        meta = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise DataError(path, f"unreadable ({e}){fix}") from None
+    ok = (isinstance(meta, dict) and meta.get("format") == USER_DOMAIN_FORMAT and meta.get("name") == name
+          and isinstance(meta.get("splits"), dict) and meta["splits"]
+          and all(isinstance(files, list) and files and all(isinstance(f, str) for f in files)
+                  for files in meta["splits"].values())
+          and isinstance(meta.get("knowledge_base"), (str, type(None))))
+    if not ok:
+        raise DataError(path, f"not a kembed user-domain file (format {USER_DOMAIN_FORMAT}) for '{name}'{fix}")
+    return DomainSpec(name, f"{USER_FOLDER}/{name}", {s: tuple(f) for s, f in meta["splits"].items()},
+                      knowledge_base=meta["knowledge_base"], description=str(meta.get("description", "")),
+                      user=True)
 
 
 def default_data_dir() -> Path:
@@ -261,9 +320,9 @@ def load_spec_split(spec: DomainSpec, split: str, folder: Path) -> tuple[list[QA
     for name in files:
         path = folder / name
         prefix = f"{split}-{Path(name).stem}-" if len(files) > 1 else f"{split}-"
-        for pos, raw in enumerate(_read_records(path)):
+        for pos, raw in enumerate(read_records(path)):
             report.read += 1
-            record = _parse_record(raw, pos, path, domain, split, prefix, seen, report)
+            record = parse_record(raw, pos, path, domain, split, prefix, seen, report)
             if record is not None:
                 records.append(record)
                 report.options_per_question[len(record.options)] += 1
@@ -300,21 +359,21 @@ def load_knowledge_base(domain: str, data_dir: str | os.PathLike | None = None) 
         return None
     path = resolve_data_dir(data_dir) / spec.folder / spec.knowledge_base
     if path.suffix != ".jsonl":
-        text = _read_text(path)
+        text = read_text(path)
         return [line.strip() for line in text.split("\n") if line.strip()]
     documents = []
-    for pos, raw in enumerate(_read_records(path)):
+    for pos, raw in enumerate(read_records(path)):
         if not isinstance(raw, dict):
-            raise DataError(path, f"expected an object, got {_json_type(raw)}", record=pos)
+            raise DataError(path, f"expected an object, got {json_type(raw)}", record=pos)
         if not isinstance(raw.get("text"), str):
             raise DataError(path, "missing" if "text" not in raw else f"expected a string, got "
-                            f"{_json_type(raw['text'])}", record=pos, field="text")
+                            f"{json_type(raw['text'])}", record=pos, field="text")
         if raw["text"].strip():
             documents.append(raw["text"].strip())
     return documents
 
 
-def _read_text(path: Path) -> str:
+def read_text(path: Path) -> str:
     try:
         return path.read_text(encoding="utf-8-sig")
     except FileNotFoundError:
@@ -324,13 +383,13 @@ def _read_text(path: Path) -> str:
         raise DataError(path, f"not UTF-8 text (undecodable byte at offset {e.start})") from None
 
 
-def _read_records(path: Path, jsonl: bool | None = None, text: str | None = None) -> list:
+def read_records(path: Path, jsonl: bool | None = None, text: str | None = None) -> list:
     """The raw records of a .json array or a .jsonl file (blank lines skipped).
 
     ``jsonl`` forces the format (default: by the ``.jsonl`` suffix); ``text`` is the file's
     content when the caller has read it already.
     """
-    text = _read_text(path) if text is None else text
+    text = read_text(path) if text is None else text
     if jsonl if jsonl is not None else path.suffix == ".jsonl":
         records = []
         for lineno, line in enumerate(text.split("\n"), 1):
@@ -349,26 +408,26 @@ def _read_records(path: Path, jsonl: bool | None = None, text: str | None = None
     except RecursionError:
         raise DataError(path, "invalid JSON: nested too deeply") from None
     if not isinstance(data, list):
-        raise DataError(path, f"expected a JSON array of records, got {_json_type(data)}")
+        raise DataError(path, f"expected a JSON array of records, got {json_type(data)}")
     return data
 
 
-def _json_type(value) -> str:
+def json_type(value) -> str:
     names = {dict: "an object", list: "an array", str: "a string", bool: "a boolean",
              int: "a number", float: "a number", type(None): "null"}
     return names.get(type(value), type(value).__name__)
 
 
-def _parse_record(raw, pos: int, path: Path, domain: str, split: str, prefix: str,
+def parse_record(raw, pos: int, path: Path, domain: str, split: str, prefix: str,
                   seen: set[str], report: SplitReport) -> QARecord | None:
     """One source record as a QARecord, or None (counted in ``report``) when the policy drops it."""
     if not isinstance(raw, dict):
-        raise DataError(path, f"expected an object, got {_json_type(raw)}", record=pos)
+        raise DataError(path, f"expected an object, got {json_type(raw)}", record=pos)
     where = pos
     id_field = next((k for k in ("idx", "id") if k in raw), None)
     source_id = pos if id_field is None else raw[id_field]
     if isinstance(source_id, bool) or not isinstance(source_id, (int, str)) or source_id == "":
-        raise DataError(path, f"expected a number or a non-empty string, got {_json_type(source_id)}",
+        raise DataError(path, f"expected a number or a non-empty string, got {json_type(source_id)}",
                         record=where, field=id_field)
     record_id = f"{prefix}{source_id}"
     if id_field is not None:
@@ -383,7 +442,7 @@ def _parse_record(raw, pos: int, path: Path, domain: str, split: str, prefix: st
                 raise DataError(path, "missing", record=where, field=name)
             return ""
         if not isinstance(raw[name], str):
-            raise DataError(path, f"expected a string, got {_json_type(raw[name])}", record=where, field=name)
+            raise DataError(path, f"expected a string, got {json_type(raw[name])}", record=where, field=name)
         return raw[name].strip()
 
     question = "\n".join(part for part in (text("prompt"), text("question", required=True)) if part)
@@ -391,7 +450,7 @@ def _parse_record(raw, pos: int, path: Path, domain: str, split: str, prefix: st
         raise DataError(path, "missing", record=where, field="options")
     options = raw["options"]
     if not isinstance(options, dict) or not all(isinstance(v, str) for v in options.values()):
-        raise DataError(path, f"expected an object of label -> option text, got {_json_type(options)}"
+        raise DataError(path, f"expected an object of label -> option text, got {json_type(options)}"
                         f"{' with non-string values' if isinstance(options, dict) else ''}",
                         record=where, field="options")
     answer, letter = text("answer"), text("answer_idx")
@@ -498,7 +557,7 @@ def fetch_data(dest: Path | None = None, source_dir: Path | None = None, *,
             _copy_data(Path(source_dir).expanduser(), tmp)
         else:
             _download_data(url, tmp, timeout)
-        _swap_into_place(tmp, dest, keep=(USER_FOLDER,))
+        swap_into_place(tmp, dest, keep=(USER_FOLDER,))
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return dest
@@ -561,7 +620,7 @@ def _download_data(url: str, tmp: Path, timeout: float) -> None:
         raise KembedError(f"the archive from {url} has no data/ folder with the domain folders")
 
 
-def _swap_into_place(new: Path, dest: Path, keep: tuple[str, ...] = ()) -> None:
+def swap_into_place(new: Path, dest: Path, keep: tuple[str, ...] = ()) -> None:
     """Rename ``new`` to ``dest``, replacing an existing ``dest`` only once the rename can happen.
 
     Entries of the old ``dest`` named in ``keep`` (and absent from ``new``) are moved into the new

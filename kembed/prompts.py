@@ -8,9 +8,21 @@ in the model's chat template.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from pydantic import BaseModel, ConfigDict
 
 from kembed.records import QARecord
+
+FORMATS = ("raw", "chat")  # option-scoring formats: the paper's bare text, or the model's chat template
+
+
+def documents_prompt(question: str, documents: Sequence[str]) -> str:
+    """The retrieval-augmented user turn shared by RAFT, SimRAG Stage II and chat-format
+    scoring: each document in ``<DOCUMENT>...</DOCUMENT>`` (the RAFT code's layout), one per
+    line, a blank line, then ``Question: <question>``. No documents: ``Question: <question>``."""
+    docs = "\n".join(f"<DOCUMENT>{d}</DOCUMENT>" for d in documents)
+    return f"{docs}\n\nQuestion: {question}" if docs else f"Question: {question}"
 
 
 class PromptFormat(BaseModel):

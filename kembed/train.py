@@ -68,7 +68,7 @@ class TrainContext:
         ``checkpoints/<label>``, so that an interrupted ``fit`` with the same label resumes from
         its last epoch.
         """
-        from kembed.training import fit
+        from kembed.trainer import fit
 
         task_id = self.progress.add_task(f"{label}: training", total=None)
 

@@ -54,7 +54,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from kembed import data
-from kembed.data import DOMAINS, USER_FOLDER, DomainSpec, SplitReport
+from kembed.data import (DOMAINS, USER_DOMAIN_FILE, USER_DOMAIN_FORMAT, USER_DOMAIN_NAME, USER_FOLDER, DomainSpec,
+                         SplitReport, user_domain_dir)
 from kembed.errors import DataError, KembedError
 
 if TYPE_CHECKING:
@@ -65,69 +66,11 @@ HOLDOUT_FRACTION = 0.2
 HOLDOUT_SEED = 0
 CONTEXT_TOP_K = 3
 CONTEXT_INDEX = "bm25"
-NAME_PATTERN = re.compile(r"[a-z0-9][a-z0-9_-]{0,63}")
-DOMAIN_FILE = "domain.json"
-FORMAT = 1
 SPLIT_FILES = {"train": "train.jsonl", "test": "test.jsonl"}
 CORPUS_FILE = "corpus.jsonl"
 CORPUS_SUFFIXES = (".txt", ".md")
 JSONL_SUFFIXES = (".jsonl", ".ndjson")
 KEPT_FIELDS = ("prompt", "question", "options", "answer", "answer_idx")
-
-
-# --- finding imported domains ---------------------------------------------------------------
-
-def user_domain_dir(name: str, root: Path) -> Path:
-    """Where the user domain ``name`` lives in the data directory ``root``."""
-    return Path(root) / USER_FOLDER / name
-
-
-def find_user_domain(name: str, root: Path) -> DomainSpec | None:
-    """The spec of the user domain ``name`` in the data directory ``root``, or None.
-
-    Raises:
-        DataError: its ``domain.json`` is unreadable or malformed.
-    """
-    if not NAME_PATTERN.fullmatch(name):
-        return None
-    path = user_domain_dir(name, root) / DOMAIN_FILE
-    return _read_spec(path, name) if path.is_file() else None
-
-
-def user_domain_names(root: Path) -> list[str]:
-    """The names of the user domains in the data directory ``root`` (folders holding a
-    ``domain.json``; not parsed), sorted."""
-    folder = Path(root) / USER_FOLDER
-    if not folder.is_dir():
-        return []
-    return [p.name for p in sorted(folder.iterdir()) if NAME_PATTERN.fullmatch(p.name) and (p / DOMAIN_FILE).is_file()]
-
-
-def list_user_domains(root: Path) -> list[DomainSpec]:
-    """The user domains in the data directory ``root``, by name.
-
-    Raises:
-        DataError: a ``domain.json`` is unreadable or malformed.
-    """
-    return [_read_spec(user_domain_dir(name, root) / DOMAIN_FILE, name) for name in user_domain_names(root)]
-
-
-def _read_spec(path: Path, name: str) -> DomainSpec:
-    fix = "; import the domain again (kembed data import --replace)"
-    try:
-        meta = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, ValueError) as e:
-        raise DataError(path, f"unreadable ({e}){fix}") from None
-    ok = (isinstance(meta, dict) and meta.get("format") == FORMAT and meta.get("name") == name
-          and isinstance(meta.get("splits"), dict) and meta["splits"]
-          and all(isinstance(files, list) and files and all(isinstance(f, str) for f in files)
-                  for files in meta["splits"].values())
-          and isinstance(meta.get("knowledge_base"), (str, type(None))))
-    if not ok:
-        raise DataError(path, f"not a kembed user-domain file (format {FORMAT}) for '{name}'{fix}")
-    return DomainSpec(name, f"{USER_FOLDER}/{name}", {s: tuple(f) for s, f in meta["splits"].items()},
-                      knowledge_base=meta["knowledge_base"], description=str(meta.get("description", "")),
-                      user=True)
 
 
 # --- corpus ---------------------------------------------------------------------------------
@@ -182,20 +125,20 @@ def read_corpus(path: str | os.PathLike) -> tuple[list[dict], CorpusReport]:
         if total > MAX_FILE_BYTES:
             raise DataError(path, f"too large: its .txt/.md files hold {total} bytes (the limit is "
                                   f"{_size_text(MAX_FILE_BYTES)})")
-        raw = [(data._read_text(p), p.relative_to(path).as_posix()) for p in files]
+        raw = [(data.read_text(p), p.relative_to(path).as_posix()) for p in files]
     elif not path.exists():
         raise KembedError(f"{path}: no such file or folder (--corpus)")
     elif path.suffix.lower() == ".txt":
         text = _read_input(path)
         raw = [(line, f"{path.name}:{n}") for n, line in enumerate(text.split("\n"), 1) if line.strip()]
     elif path.suffix.lower() in JSONL_SUFFIXES:
-        records = data._read_records(path, jsonl=True, text=_read_input(path))
+        records = data.read_records(path, jsonl=True, text=_read_input(path))
         for pos, record in enumerate(records):
             if not isinstance(record, dict):
-                raise DataError(path, f"expected an object, got {data._json_type(record)}", record=pos)
+                raise DataError(path, f"expected an object, got {data.json_type(record)}", record=pos)
             if not isinstance(record.get("text"), str):
                 problem = "missing" if "text" not in record else \
-                    f"expected a string, got {data._json_type(record['text'])}"
+                    f"expected a string, got {data.json_type(record['text'])}"
                 raise DataError(path, problem, record=pos, field="text")
             _check_unicode(record["text"], path, pos, "text")
             raw.append((record["text"], f"{path.name}:{pos}"))
@@ -275,7 +218,7 @@ def check_name(name: str) -> None:
     """Raise KembedError unless ``name`` can name a new user domain."""
     if name in DOMAINS:
         raise KembedError(f"'{name}' is a built-in domain; choose another name for your domain")
-    if not NAME_PATTERN.fullmatch(name):
+    if not USER_DOMAIN_NAME.fullmatch(name):
         raise KembedError(f"invalid domain name {name!r}: use 1-64 lowercase letters, digits, '-' and '_', "
                           f"starting with a letter or digit")
 
@@ -336,7 +279,7 @@ def import_domain(name: str, qa: str | os.PathLike, test: str | os.PathLike | No
         if rows_ is not None and not any(row.kept for row in rows_):
             reasons = SplitReport(name, "x")
             for i, raw in enumerate(row.record for row in rows_):
-                data._parse_record(raw, i, path, name, "x", "", set(), reasons)
+                data.parse_record(raw, i, path, name, "x", "", set(), reasons)
             raise DataError(path, f"no usable records: the label-reconciliation policy drops all {len(rows_)} ("
                                   + ", ".join(f"{k}: {n}" for k, n in sorted(reasons.dropped.items())) + ")")
     test_from = "--test"
@@ -351,7 +294,7 @@ def import_domain(name: str, qa: str | os.PathLike, test: str | os.PathLike | No
         train_rows = [row for i, row in enumerate(train_rows) if i not in chosen]
 
     meta = {
-        "format": FORMAT, "name": name,
+        "format": USER_DOMAIN_FORMAT, "name": name,
         "description": f"user domain from {qa_path.name}" + (f" and {Path(corpus).name}" if corpus else ""),
         "splits": {split: [file] for split, file in SPLIT_FILES.items()},
         "knowledge_base": CORPUS_FILE if documents is not None else None,
@@ -382,14 +325,14 @@ def _write(target: Path, meta: dict, splits: dict[str, list[_Row]], documents: l
             _write_jsonl(tmp / SPLIT_FILES[split], [row.record for row in rows])
         if documents is not None:
             _write_jsonl(tmp / CORPUS_FILE, documents)
-        (tmp / DOMAIN_FILE).write_text(json.dumps(meta, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
+        (tmp / USER_DOMAIN_FILE).write_text(json.dumps(meta, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
         reports = []
         for split, rows in splits.items():
             records, report = data.load_spec_split(spec, split, tmp)
             if report.read != len(rows) or report.kept != sum(row.kept for row in rows):  # never expected
                 raise KembedError(f"internal error: {split} reloaded as {report.kept}/{report.read} records")
             reports.append(report)
-        data._swap_into_place(tmp, target)
+        data.swap_into_place(tmp, target)
         return reports
     except OSError as e:
         raise KembedError(f"cannot write the user domain into {target.parent}: {e.strerror or e}") from None
@@ -409,12 +352,12 @@ def _read_rows(path: Path, domain: str, split: str) -> list[_Row]:
     if not text.strip():
         raise DataError(path, "empty file: no records")
     jsonl = path.suffix.lower() in JSONL_SUFFIXES or (path.suffix.lower() != ".json" and text.lstrip()[0] == "{")
-    raws = data._read_records(path, jsonl=jsonl, text=text)
+    raws = data.read_records(path, jsonl=jsonl, text=text)
     if not raws:
         raise DataError(path, "no records")
     scratch, seen, rows = SplitReport(domain, split), set(), []
     for pos, raw in enumerate(raws):
-        record = data._parse_record(raw, pos, path, domain, split, f"{split}-", seen, scratch)
+        record = data.parse_record(raw, pos, path, domain, split, f"{split}-", seen, scratch)
         id_field = next((k for k in ("idx", "id") if k in raw), None)
         where = pos if id_field is None else f"{pos} (id {raw[id_field]})"
         for key, value in raw.items():
@@ -437,7 +380,7 @@ def _read_input(path: Path) -> str:
         raise DataError(path, f"too large: {size} bytes (the limit is {_size_text(MAX_FILE_BYTES)})")
     if size == 0:
         raise DataError(path, "empty file")
-    return data._read_text(path)
+    return data.read_text(path)
 
 
 def _check_unicode(value, path: Path, where, field: str) -> None:

@@ -83,7 +83,7 @@ def test_lora_adapter_run_trains_and_evaluates(data_dir, tiny_model_dir, tmp_pat
 def test_interrupted_epoch_resumes_from_its_checkpoint(data_dir, tiny_model_dir, tmp_path, monkeypatch):
     from safetensors.torch import load_file
 
-    from kembed.training import MethodTrainer
+    from kembed.trainer import MethodTrainer
 
     a, b = tmp_path / "a", tmp_path / "b"
     assert run_method("sft", tiny_model_dir, a, "sft.epochs=2").exit_code == 0

@@ -210,7 +210,7 @@ def test_split_chunks_is_seeded_and_complete():
 
 def test_a_training_step_moves_the_weights(tiny_model, tiny_tokenizer):
     from kembed.config import TrainConfig
-    from kembed.training import fit
+    from kembed.trainer import fit
 
     cfg = Config()
     records = make_records(4)

@@ -6,7 +6,7 @@ A method is a module (or any object) with:
 - ``DESCRIPTION``: one line for ``kembed ls``;
 - ``Config``: a pydantic model of its recipe section (unknown keys rejected);
 - ``train(ctx: kembed.methods.base.TrainContext) -> None``: turns canonical records into
-  training examples and trains through ``kembed.training.fit``.
+  training examples and trains through ``kembed.trainer.fit``.
 
 Built-in methods are listed in ``BUILTIN``; third-party packages add theirs through the
 ``kembed.methods`` entry-point group (``name = "package.module"``). Modules are imported only
