@@ -67,7 +67,7 @@ def train(method: str = typer.Argument(..., help="Method name (see `kembed ls`).
           domain: Optional[str] = typer.Option(None, help="Domain (default: the recipe's)."),
           recipe: Optional[str] = typer.Option(None, help="Recipe file or name (default: recipes/<method>.yaml)."),
           output: Optional[str] = typer.Option(None, help="Run directory (default: runs/<method>-<domain>-<time>)."),
-          limit: Optional[int] = typer.Option(None, help="Use only the first N training records."),
+          limit: Optional[int] = typer.Option(None, help="Train on a seeded random sample of N train records."),
           resume: bool = typer.Option(False, help="Continue the interrupted run in --output."),
           init_from: Optional[str] = typer.Option(None, help="Start from another run's weights (not --resume)."),
           data_dir: Optional[str] = DataDir):
@@ -87,7 +87,9 @@ def evaluate(domain: str = typer.Option(..., help="Domain to evaluate on."),
              top_k: int = typer.Option(3, "--top-k", help="retrieved-context: documents retrieved per question."),
              index: str = typer.Option("bm25", "--index", help="retrieved-context: index kind, bm25, dense or hybrid."),
              limit: Optional[int] = typer.Option(None, help="Only the first N questions."),
-             output: Optional[str] = typer.Option(None, help="Output directory (default: runs/eval-<domain>-<split>-<mode>-<time>)."),
+             output: Optional[str] = typer.Option(None, help="Output directory (default: runs/eval-<domain>-<split>-<mode>[-chat]-<time>)."),
+             fmt: str = typer.Option("raw", "--format", help="Scoring format: raw (the paper's protocol, no chat "
+                                                             "template) or chat (the model's chat template)."),
              scorer: str = typer.Option("shared_prefix", help="Scorer implementation: shared_prefix or reference."),
              device: str = typer.Option("auto", help="auto, cpu or cuda."),
              precision: str = typer.Option("auto", help="auto, bf16 or fp32."),
@@ -100,11 +102,14 @@ def evaluate(domain: str = typer.Option(..., help="Domain to evaluate on."),
     from kembed.evaluate import MODES, evaluate as run_eval, results_table, write_results
     from kembed.models import choose_placement
 
+    from kembed.prompts import FORMATS
     from kembed.retrieval import KINDS, build_index
     from kembed.scoring import IMPLEMENTATIONS
 
     if mode not in MODES:
         raise KembedError(f"unknown --mode '{mode}' (choose from {', '.join(MODES)})")
+    if fmt not in FORMATS:
+        raise KembedError(f"unknown --format '{fmt}' (choose from {', '.join(FORMATS)})")
     if scorer not in IMPLEMENTATIONS:
         raise KembedError(f"unknown --scorer '{scorer}' (choose from {', '.join(IMPLEMENTATIONS)})")
 
@@ -112,7 +117,8 @@ def evaluate(domain: str = typer.Option(..., help="Domain to evaluate on."),
         raise KembedError(f"unknown --index '{index}' (choose from {', '.join(KINDS)})")
     if top_k < 1:
         raise KembedError(f"--top-k must be at least 1, got {top_k}")
-    out = Path(output) if output else Path("runs") / f"eval-{domain}-{split}-{mode}-{datetime.now():%Y%m%d-%H%M%S}"
+    label = mode if fmt == "raw" else f"{mode}-{fmt}"
+    out = Path(output) if output else Path("runs") / f"eval-{domain}-{split}-{label}-{datetime.now():%Y%m%d-%H%M%S}"
     if (out / "results.json").exists() and not overwrite:
         raise KembedError(f"{out / 'results.json'} exists: pass --overwrite or choose another --output")
     records = load_records(domain, split, data_dir, limit=limit)
@@ -121,10 +127,12 @@ def evaluate(domain: str = typer.Option(..., help="Domain to evaluate on."),
     retriever = build_index(domain, index, data_dir) if mode == "retrieved-context" else None
     placement = choose_placement(device, precision)
     with Progress(console=console, transient=True) as progress:
-        task = progress.add_task(f"scoring {domain}/{split} ({mode})", total=len(records))
+        task = progress.add_task(f"scoring {domain}/{split} ({mode}, {fmt})", total=len(records))
         summary, samples = run_eval(model, records, mode=mode, placement=placement, implementation=scorer,
-                                    progress=lambda: progress.advance(task), index=retriever, top_k=top_k)
-    summary = {"domain": domain, "split": split, **summary}
+                                    progress=lambda: progress.advance(task), index=retriever, top_k=top_k, fmt=fmt)
+    from kembed.evaluate import run_coverage
+
+    summary = {"domain": domain, "split": split, **summary, "coverage": run_coverage(model, records, data_dir)}
     write_results(out, summary, samples)
     console.print(results_table([summary]))
     console.print(f"{summary['questions_per_second']} questions/s; results in {out}")
@@ -185,6 +193,23 @@ def data_validate(domain: str = typer.Option(..., help="Domain to check."),
     reports = [load_split(domain, split, data_dir)[1] for split in get_domain(domain, data_dir).splits]
     for table in validation_tables(reports):
         console.print(table)
+
+
+@data_app.command("coverage")
+@handle_errors
+def data_coverage(domain: str = typer.Option(..., help="Domain to check."),
+                  limit: Optional[int] = typer.Option(None, help="Training records (a seeded sample; default: all)."),
+                  seed: int = typer.Option(42, help="Seed of the sample (a run's `seed`)."),
+                  validation: int = typer.Option(100, help="Train records held out as the validation split."),
+                  data_dir: Optional[str] = DataDir):
+    """How many held-out questions have their knowledge snippets (and gold answer) in the training records."""
+    from kembed.data import held_out_splits, knowledge_coverage, load_records, training_sample, coverage_table
+
+    sample = training_sample(load_records(domain, "train", data_dir), limit=limit, validation=validation, seed=seed)
+    coverage = {split: knowledge_coverage(sample.train, records)
+                for split, records in held_out_splits(domain, data_dir, sample).items()}
+    console.print(coverage_table(coverage, f"{domain}: knowledge coverage by {len(sample.train)} training records "
+                                           f"(seed {seed}, {validation} held out for validation)"))
 
 
 @data_app.command("fetch")

@@ -44,18 +44,21 @@ class TrainConfig(Strict):
     batch_size: int = 4
     grad_accum: int = 1
     warmup_ratio: float = Field(0.1, ge=0, lt=1)
-    lr_scheduler: str = "constant_with_warmup"
+    lr_scheduler: str = "constant_with_warmup"  # a transformers scheduler name, or cosine_warmup_constant
     max_grad_norm: float = 1.0
     weight_decay: float = 0.0
     adam_beta2: float = 0.999
+    adam_epsilon: float = 1e-8
     checkpoints: bool = True  # keep a resumable checkpoint after every epoch (weights + optimiser)
     lora: LoraSettings | None = None
 
 
 class EvalDuringTraining(Strict):
-    """Closed-book accuracy measured after each iteration (``split: null`` turns it off)."""
+    """Closed-book accuracy measured after each iteration, as ``kembed eval`` measures it
+    (``split: null`` turns it off). ``validation`` is the split held out of the train split
+    (``RunConfig.validation``); any other name is one of the domain's own splits."""
 
-    split: str | None = "dev"
+    split: str | None = "validation"
     limit: int | None = None
 
 
@@ -68,7 +71,8 @@ class RunConfig(Strict):
     domain: str = "current-events"
     data_dir: str | None = None
     seed: int = 42
-    limit: int | None = None
+    limit: int | None = None  # train on a seeded random sample of this many train records (None: all)
+    validation: int = Field(100, ge=0)  # train records held out as the validation split (seeded)
     device: str = "auto"
     precision: str = "auto"
     prompts: PromptFormat = Field(default_factory=PromptFormat)

@@ -47,6 +47,7 @@ find them next to the built-in :data:`DOMAINS`.
 
 from __future__ import annotations
 
+import dataclasses
 import http.client
 import json
 import os
@@ -333,7 +334,8 @@ def load_spec_split(spec: DomainSpec, split: str, folder: Path) -> tuple[list[QA
 
 def load_records(domain: str, split: str, data_dir: str | os.PathLike | None = None,
                  limit: int | None = None) -> list[QARecord]:
-    """The kept records of a split (the first ``limit`` of them when ``limit`` is given).
+    """The kept records of a split (the first ``limit`` of them when ``limit`` is given; for the
+    training records of a run use :func:`training_sample`, which draws a seeded random sample).
 
     Raises:
         KembedError: ``limit`` is negative, or as :func:`load_split`.
@@ -343,6 +345,124 @@ def load_records(domain: str, split: str, data_dir: str | os.PathLike | None = N
         raise KembedError(f"limit must be >= 0, got {limit}")
     records, _ = load_split(domain, split, data_dir)
     return records if limit is None else records[:limit]
+
+
+# --- training samples and knowledge coverage ------------------------------------------------
+
+VALIDATION_SPLIT = "validation"  # held out from the train split by :func:`training_sample`
+
+
+@dataclass(frozen=True)
+class TrainingSample:
+    """The records a run trains on and the validation records held out of the same train split.
+
+    Attributes:
+        train: the training records, in file order.
+        validation: the held-out validation records (split ``"validation"``), in file order;
+            no method ever trains on them.
+        seed, limit, validation_size: what drew them (see :func:`training_sample`).
+    """
+
+    train: list[QARecord]
+    validation: list[QARecord]
+    seed: int
+    limit: int | None
+    validation_size: int
+
+    def to_dict(self) -> dict:
+        """What a run directory saves (``data_sample.json``): the settings and the record ids."""
+        return {"seed": self.seed, "limit": self.limit, "validation_size": self.validation_size,
+                "train_ids": [r.id for r in self.train], "validation_ids": [r.id for r in self.validation]}
+
+
+def training_sample(records: list[QARecord], *, limit: int | None, validation: int, seed: int) -> TrainingSample:
+    """Draw a run's records from a train split: a seeded permutation of the records; its first
+    ``validation`` records are the validation split, the next ``limit`` (all the rest when
+    ``limit`` is None) the training records. The same seed and split give the same sample for
+    every method, a smaller ``limit`` gives a subset of a larger one, and the validation split
+    does not depend on ``limit``.
+
+    Args:
+        records: the train split, in file order.
+        limit: number of training records (None: every record not held out).
+        validation: number of records held out for validation (0: none).
+        seed: seeds the permutation (``random.Random(seed)``).
+
+    Raises:
+        KembedError: ``limit`` or ``validation`` is negative, or ``validation`` leaves no
+            training record.
+    """
+    import random
+
+    if limit is not None and limit < 0:
+        raise KembedError(f"limit must be >= 0, got {limit}")
+    if validation < 0:
+        raise KembedError(f"validation must be >= 0, got {validation}")
+    if records and validation >= len(records):
+        raise KembedError(f"validation = {validation} holds out all {len(records)} train records; choose fewer")
+    order = list(range(len(records)))
+    random.Random(seed).shuffle(order)
+    held, rest = order[:validation], order[validation:]
+    chosen = rest if limit is None else rest[:limit]
+    held_out = [dataclasses.replace(records[i], split=VALIDATION_SPLIT) for i in sorted(held)]
+    return TrainingSample([records[i] for i in sorted(chosen)], held_out, seed, limit, validation)
+
+
+def knowledge_coverage(train: list[QARecord], questions: list[QARecord]) -> dict:
+    """How much of each question's knowledge the training records carry.
+
+    A snippet is covered when a training record has the same snippet (exact match after
+    whitespace normalisation). The gold answer is covered when its text occurs
+    (case-insensitive, whitespace-normalised substring) in one of the question's covered
+    snippets.
+
+    Returns:
+        ``{"questions", "all", "some", "none", "no_snippets", "answer_in_snippets",
+        "answer_covered"}``: counts of questions with all / some (not all) / none of their
+        snippets covered (questions without snippets are counted in ``no_snippets`` only), with
+        the gold answer inside their own snippets, and with it inside their covered snippets.
+    """
+    taught = {_normalise(z) for r in train for z in r.knowledge}
+    counts = dict.fromkeys(("all", "some", "none", "no_snippets", "answer_in_snippets", "answer_covered"), 0)
+    for q in questions:
+        snippets = [_normalise(z) for z in q.knowledge]
+        covered = [z for z in snippets if z in taught]
+        answer = _normalise(q.answer).lower()
+        if not snippets:
+            counts["no_snippets"] += 1
+        else:
+            counts["all" if len(covered) == len(snippets) else "some" if covered else "none"] += 1
+        counts["answer_in_snippets"] += any(answer in z.lower() for z in snippets)
+        counts["answer_covered"] += any(answer in z.lower() for z in covered)
+    return {"questions": len(questions), **counts}
+
+
+def held_out_splits(domain: str, data_dir: str | os.PathLike | None, sample: TrainingSample) -> dict[str, list[QARecord]]:
+    """Every split a run does not train on: the domain's own splits other than ``train``
+    (``test`` first) and, when the sample holds any out, ``validation``.
+
+    Raises:
+        KembedError, DataError: as :func:`load_split`.
+    """
+    names = sorted((s for s in get_domain(domain, data_dir).splits if s != "train"), key=lambda s: s != "test")
+    splits = {name: load_split(domain, name, data_dir)[0] for name in names}
+    if sample.validation:
+        splits[VALIDATION_SPLIT] = sample.validation
+    return splits
+
+
+def coverage_table(coverage: dict[str, dict], title: str) -> Table:
+    """A rich table of :func:`knowledge_coverage` results, one row per split."""
+    from rich.table import Table
+
+    table = Table(title=title, title_justify="left")
+    for col in ("split", "questions", "all snippets", "some", "none", "no snippets", "answer in own snippets",
+                "answer in covered snippets"):
+        table.add_column(col, justify="left" if col == "split" else "right")
+    for split, c in coverage.items():
+        table.add_row(split, *(str(c[k]) for k in ("questions", "all", "some", "none", "no_snippets",
+                                                    "answer_in_snippets", "answer_covered")))
+    return table
 
 
 def load_knowledge_base(domain: str, data_dir: str | os.PathLike | None = None) -> list[str] | None:

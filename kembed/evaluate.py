@@ -1,7 +1,8 @@
 """Accuracy evaluation by option scoring, with bootstrap confidence intervals.
 
-``kembed eval`` writes ``results.json`` (domain, split, mode, model, n, accuracy and ci95 per
-scorer; ``index`` and ``top_k`` for retrieved-context, else null) and ``samples.jsonl`` (one line
+``kembed eval`` writes ``results.json`` (domain, split, mode, format, model, n, coverage (a trained
+run's knowledge coverage of the questions, :func:`run_coverage`), accuracy and
+ci95 per scorer; ``index`` and ``top_k`` for retrieved-context, else null) and ``samples.jsonl`` (one line
 per question: id, per-option scores of every scorer, predicted and gold option; in
 retrieved-context also ``retrieved``, the ``[document index, score]`` of each retrieved
 document) into its output directory.
@@ -10,6 +11,12 @@ Modes: ``closed-book`` (the question alone), ``oracle-context`` (the question's 
 snippets before it) and ``retrieved-context`` (the top-k documents that the domain index
 (:mod:`kembed.retrieval`) returns for the question text, best first, before it). Knowledge in
 the prompt is cut to the prompt format's token budget in both context modes.
+
+Formats (:data:`kembed.prompts.FORMATS`, see :mod:`kembed.scoring`): ``raw`` (the default and
+the headline: ``prompt + " " + option`` with no chat template, the RLAG paper's protocol) and
+``chat`` (the user turn through the model's chat template with the generation prompt, each
+option scored as the assistant's reply; with knowledge the user turn is the RAFT / SimRAG
+``<DOCUMENT>`` layout). Results written before formats existed have no ``format`` and are raw.
 """
 
 from __future__ import annotations
@@ -135,23 +142,29 @@ def summarize(samples: list[dict], **meta) -> dict:
 
 def evaluate(model_name: str, records: list[QARecord], *, mode: str, placement, prompts=None,
              implementation: str = "shared_prefix", model=None, tokenizer=None, progress=None,
-             index=None, top_k: int = 3) -> tuple[dict, list[dict]]:
+             index=None, top_k: int = 3, fmt: str = "raw") -> tuple[dict, list[dict]]:
     """Load ``model_name`` (unless ``model``/``tokenizer`` are given) and score ``records``.
 
     Args:
+        fmt: scoring format, ``"raw"`` (default, the paper's protocol) or ``"chat"`` (the
+            model's chat template); see :func:`kembed.scoring.build_prompt`.
         index: for ``retrieved-context``: the :class:`kembed.retrieval.DomainIndex` to search
             (see :func:`kembed.retrieval.build_index`).
         top_k: documents retrieved per question (retrieved-context).
 
     Returns:
         ``(summary, samples)`` (see ``summarize`` and ``score_records``); the summary records
-        ``index`` (its kind) and ``top_k`` in retrieved-context mode, else both are None.
+        ``format``, and ``index`` (its kind) and ``top_k`` in retrieved-context mode, else both
+        are None.
 
     Raises:
-        ValueError: ``retrieved-context`` without an index, or ``top_k`` < 1.
+        ValueError: an unknown ``fmt``, ``retrieved-context`` without an index, or ``top_k`` < 1.
+        ModelError: ``fmt="chat"`` and the tokenizer has no chat template.
     """
     from kembed.models import load_model, load_tokenizer
+    from kembed.scoring import check_format
 
+    check_format(fmt)
     retrieved = None
     if mode == "retrieved-context":
         if index is None:
@@ -162,11 +175,11 @@ def evaluate(model_name: str, records: list[QARecord], *, mode: str, placement, 
     if model is None:
         tokenizer = load_tokenizer(model_name)
         model = load_model(model_name, placement)
-    scorer = OptionScorer(model, tokenizer, placement, prompts, implementation)
+    scorer = OptionScorer(model, tokenizer, placement, prompts, implementation, fmt)
     start = time.perf_counter()
     samples = score_records(scorer, records, mode, progress, retrieved=retrieved)
     seconds = time.perf_counter() - start
-    summary = summarize(samples, model=str(model_name), mode=mode, implementation=implementation,
+    summary = summarize(samples, model=str(model_name), mode=mode, format=fmt, implementation=implementation,
                         index=index.kind if retrieved is not None else None,
                         top_k=top_k if retrieved is not None else None,
                         device=placement.device, precision=placement.precision, seconds=round(seconds, 2),
@@ -182,7 +195,14 @@ def _model_label(model: str) -> str:
 
 def results_table(rows: list[dict], title: str = "Accuracy"):
     """A rich table with one row per results summary: accuracy and 95% CI per scorer (%).
-    Domain and split go in the title when all rows share them."""
+
+    Domain and split go in the title when all rows share them. The last column is the
+    knowledge coverage of a trained run's questions (``coverage`` in the summary): questions whose
+    gold answer occurs in snippets the run trained on / questions whose answer is in their own
+    snippets; ``-`` for a model that is not a kembed run. The mode column reads e.g.
+    ``retrieved-context (bm25, k=3)``; when any row is not in the raw format every row also
+    names its format (``closed-book, chat``, ``closed-book, raw``); a summary without
+    ``format`` (written before formats existed) is raw."""
     from rich.table import Table
 
     shared = {k: {str(r.get(k)) for r in rows} for k in ("domain", "split")}
@@ -194,12 +214,43 @@ def results_table(rows: list[dict], title: str = "Accuracy"):
         table.add_column(col, overflow="fold")
     for s in SCORERS:
         table.add_column(f"{s} % [95% CI]", justify="right")
+    table.add_column("answer in training knowledge", justify="right")
+    show_format = any((r.get("format") or "raw") != "raw" for r in rows)
     for r in rows:
         cells = [f"{100 * r['accuracy'][s]:.1f} [{100 * r['ci95'][s][0]:.1f}-{100 * r['ci95'][s][1]:.1f}]"
                  for s in SCORERS]
         mode = str(r.get("mode")) + (f" ({r['index']}, k={r['top_k']})" if r.get("index") else "")
-        table.add_row(_model_label(str(r.get("model"))), *[str(r.get(k)) for k in per_row], mode, str(r["n"]), *cells)
+        if show_format:
+            mode += f", {r.get('format') or 'raw'}"
+        c = r.get("coverage")
+        covered = f"{c['answer_covered']}/{c['answer_in_snippets']}" if c else "-"
+        table.add_row(_model_label(str(r.get("model"))), *[str(r.get(k)) for k in per_row], mode, str(r["n"]),
+                      *cells, covered)
     return table
+
+
+def run_coverage(model: str, records: list[QARecord], data_dir=None) -> dict | None:
+    """Knowledge coverage (:func:`kembed.data.knowledge_coverage`) of ``records`` by the
+    training records of a kembed run (its ``data_sample.json``); None when ``model`` is not a run
+    with a saved sample, or the run trained on another domain.
+
+    Raises:
+        KembedError, DataError: the run's domain data cannot be loaded.
+    """
+    import json
+
+    import yaml
+
+    from kembed.data import knowledge_coverage, load_records
+
+    path = Path(model)
+    if not (path / "data_sample.json").is_file() or not records:
+        return None
+    domain = (yaml.safe_load((path / "config.yaml").read_text()) or {}).get("domain")
+    if domain != records[0].domain:
+        return None
+    ids = set(json.loads((path / "data_sample.json").read_text())["train_ids"])
+    return knowledge_coverage([r for r in load_records(domain, "train", data_dir) if r.id in ids], records)
 
 
 def write_results(output: Path, summary: dict, samples: list[dict]) -> None:

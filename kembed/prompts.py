@@ -10,7 +10,9 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from pydantic import BaseModel, ConfigDict
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, model_validator
 
 from kembed.records import QARecord
 
@@ -25,10 +27,38 @@ def documents_prompt(question: str, documents: Sequence[str]) -> str:
     return f"{docs}\n\nQuestion: {question}" if docs else f"Question: {question}"
 
 
+_REFERENCE_SAMPLING = "Answer the following question directly, without explaining your answer.\n"
+_REFERENCE_CHAT = (
+    "You answer single-choice questions by picking one of the given options. The options are separated "
+    "by semicolons (;). Reply with the exact text of the one correct option and nothing else.\n"
+    "Example:\nQuestion: Which planet is closest to the Sun?\nOptions: Venus; Mercury; Earth; Mars\n"
+    "Answer: Mercury\nNow answer this question:\n")
+
+#: Named template sets (``prompts.preset`` in a recipe). ``bare``: the field defaults below.
+#: ``reference``: the structure of the RLAG authors' prompts (template.py of their code), in
+#: kembed's own words and domain-neutral: the sampling prompts put an instruction before the
+#: (knowledge and) question; the training chat prompts carry an instruction with a worked
+#: example, the knowledge, the question and the options separated by semicolons (the authors'
+#: code lists the option texts without letters), ending in "Answer:".
+PRESETS: dict[str, dict[str, str]] = {
+    "bare": {},
+    "reference": {
+        "closed_book": _REFERENCE_SAMPLING + "Question: {question}",
+        "with_knowledge": _REFERENCE_SAMPLING + "Relevant knowledge: {knowledge}\nQuestion: {question}",
+        "chat_closed_book": _REFERENCE_CHAT + "Question: {question}\nOptions: {options}\nAnswer:",
+        "chat_with_knowledge": _REFERENCE_CHAT + "Relevant knowledge: {knowledge}\nQuestion: {question}\n"
+                                                 "Options: {options}\nAnswer:",
+    },
+}
+
+
 class PromptFormat(BaseModel):
-    """Templates with ``{question}`` and ``{knowledge}`` (snippets joined by newlines).
+    """Templates with ``{question}``, ``{knowledge}`` (snippets joined by newlines) and
+    ``{options}`` (option texts joined by ``"; "``).
 
     Attributes:
+        preset: a named template set from :data:`PRESETS` (``bare`` or ``reference``); templates
+            given next to it override the preset's.
         closed_book: option-scoring prompt without knowledge (paper: the bare question).
         with_knowledge: option-scoring prompt with the knowledge snippets.
         answer_prefix: text between the prompt and the option when scoring.
@@ -40,6 +70,7 @@ class PromptFormat(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
+    preset: Literal["bare", "reference"] = "bare"
     closed_book: str = "{question}"
     with_knowledge: str = "{knowledge}\n\n{question}"
     answer_prefix: str = " "
@@ -47,17 +78,25 @@ class PromptFormat(BaseModel):
     chat_with_knowledge: str = "Knowledge:\n{knowledge}\n\nQuestion: {question}"
     knowledge_max_tokens: int = 384
 
+    @model_validator(mode="before")
+    @classmethod
+    def _apply_preset(cls, data):
+        if isinstance(data, dict) and data.get("preset") in PRESETS:
+            data = {**PRESETS[data["preset"]], **data}
+        return data
+
+    @staticmethod
+    def _fill(template: str, record: QARecord, knowledge: tuple[str, ...] | None) -> str:
+        return template.format(question=record.question, knowledge="\n".join(knowledge or ()),
+                               options="; ".join(record.options))
+
     def scoring_prompt(self, record: QARecord, knowledge: tuple[str, ...] | None) -> str:
         """The option-scoring prompt; ``knowledge=None`` means closed-book."""
-        if knowledge is None:
-            return self.closed_book.format(question=record.question)
-        return self.with_knowledge.format(question=record.question, knowledge="\n".join(knowledge))
+        return self._fill(self.closed_book if knowledge is None else self.with_knowledge, record, knowledge)
 
     def chat_prompt(self, record: QARecord, knowledge: tuple[str, ...] | None) -> str:
         """The chat user turn; ``knowledge=None`` means closed-book."""
-        if knowledge is None:
-            return self.chat_closed_book.format(question=record.question)
-        return self.chat_with_knowledge.format(question=record.question, knowledge="\n".join(knowledge))
+        return self._fill(self.chat_closed_book if knowledge is None else self.chat_with_knowledge, record, knowledge)
 
 
 def cut_tokens(tokenizer, text: str, max_tokens: int) -> str:

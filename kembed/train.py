@@ -35,8 +35,10 @@ class TrainContext:
         method_config: the method's own recipe section, validated.
         placement: device and precision.
         model, tokenizer: the policy (already resumed from ``run/model`` when resuming).
-        records: the training split (``limit`` applied).
-        dev_records: the records of ``config.eval.split`` for accuracy after each iteration.
+        records: the training records (a seeded sample of the train split: ``limit`` of them,
+            the validation records held out; see :func:`kembed.data.training_sample`).
+        dev_records: the records of ``config.eval.split`` for accuracy after each iteration
+            (the held-out validation records by default).
         console: where to print.
         progress: the run's rich progress display.
     """
@@ -91,18 +93,21 @@ class TrainContext:
         return metrics
 
     def dev_accuracy(self, label: str) -> dict:
-        """Closed-book accuracy of the current weights on the dev records (``{}`` if none)."""
+        """Closed-book accuracy of the current weights on the ``eval.split`` records (``{}`` if
+        none), with the evaluator's default prompt format, so that every run and recipe is
+        compared by the same protocol as ``kembed eval``."""
         if not self.dev_records:
             return {}
         from kembed.evaluate import score_records, summarize
         from kembed.scoring import OptionScorer
 
-        scorer = OptionScorer(self.model, self.tokenizer, self.placement, self.config.prompts)
-        with self.task(f"dev accuracy {label}", len(self.dev_records)) as advance:
+        split = self.config.eval.split
+        scorer = OptionScorer(self.model, self.tokenizer, self.placement)
+        with self.task(f"{split} accuracy {label}", len(self.dev_records)) as advance:
             summary = summarize(score_records(scorer, self.dev_records, "closed-book", advance))
-        self.console.print(f"  dev closed-book accuracy {label} (token_mean): "
+        self.console.print(f"  {split} closed-book accuracy {label} (token_mean): "
                            f"{100 * summary['accuracy']['token_mean']:.1f}% on {summary['n']} questions")
-        return {"dev_accuracy": summary["accuracy"], "dev_ci95": summary["ci95"]}
+        return {"dev_split": split, "dev_accuracy": summary["accuracy"], "dev_ci95": summary["ci95"]}
 
     def finish_iteration(self, done: int) -> None:
         """Save the model, measure dev accuracy if configured, and record progress (``done``
@@ -157,7 +162,7 @@ def train(method: str, *, recipe: str | None = None, overrides: list[str] = (), 
     """
     from transformers import set_seed
 
-    from kembed.data import get_domain, load_records
+    from kembed.data import VALIDATION_SPLIT, held_out_splits, knowledge_coverage, load_records, training_sample
     from kembed.methods import get_method
     from kembed.models import choose_placement, load_model, load_tokenizer
 
@@ -183,14 +188,17 @@ def train(method: str, *, recipe: str | None = None, overrides: list[str] = (), 
     module = get_method(method)
 
     # load (and so validate) the data before anything is written
-    records = load_records(run_cfg.domain, "train", run_cfg.data_dir, limit=run_cfg.limit)
-    dev = []
-    if run_cfg.eval.split in get_domain(run_cfg.domain, run_cfg.data_dir).splits:
-        dev = load_records(run_cfg.domain, run_cfg.eval.split, run_cfg.data_dir, limit=run_cfg.eval.limit)
-    elif run_cfg.eval.split:
-        console.print(f"[yellow]{run_cfg.domain} has no '{run_cfg.eval.split}' split: no accuracy during training[/]")
+    sample = training_sample(load_records(run_cfg.domain, "train", run_cfg.data_dir), limit=run_cfg.limit,
+                             validation=run_cfg.validation, seed=run_cfg.seed)
+    records, held_out = sample.train, held_out_splits(run_cfg.domain, run_cfg.data_dir, sample)
+    dev = held_out.get(run_cfg.eval.split, [])[: run_cfg.eval.limit]
+    if run_cfg.eval.split and not dev:
+        why = "validation = 0" if run_cfg.eval.split == VALIDATION_SPLIT else "no such split"
+        console.print(f"[yellow]{run_cfg.domain}: no '{run_cfg.eval.split}' records ({why}): no accuracy during training[/]")
     if not resume:
         run = Run.create(Path(output) if output else default_output(run_cfg), resolved)
+        write_json(run.path / "data_sample.json", sample.to_dict())
+        run.log("coverage", **{split: knowledge_coverage(records, qs) for split, qs in held_out.items()})
     placement = choose_placement(run_cfg.device, run_cfg.precision)
     set_seed(run_cfg.seed)
     resuming = resume and run.state.get("iterations_done", 0) > 0

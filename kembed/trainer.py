@@ -8,6 +8,7 @@ logging into the run directory. A method supplies examples, a collator and a los
 
 from __future__ import annotations
 
+import math
 import tempfile
 from collections import defaultdict
 from pathlib import Path
@@ -21,6 +22,16 @@ from kembed.models import Placement
 
 #: ``loss_fn(model, batch) -> (loss, metrics)``: a scalar loss tensor and floats to log.
 LossFn = Callable[[torch.nn.Module, dict], tuple[torch.Tensor, dict[str, float]]]
+
+#: ``train.lr_scheduler`` value of the RLAG authors' schedule (see :func:`cosine_warmup_constant`).
+COSINE_WARMUP_CONSTANT = "cosine_warmup_constant"
+
+
+def cosine_warmup_constant(warmup_steps: int) -> Callable[[int], float]:
+    """LR factor of the RLAG authors' schedule (their train.py): a cosine-shaped warm-up,
+    ``0.5 * (1 - cos(pi * step / warmup_steps))`` for ``step < warmup_steps`` (0 at step 0),
+    then 1 (constant). ``warmup_steps = ceil(warmup_ratio * total optimiser steps)``."""
+    return lambda step: 0.5 * (1.0 - math.cos(math.pi * step / warmup_steps)) if step < warmup_steps else 1.0
 
 
 class ListDataset(torch.utils.data.Dataset):
@@ -40,9 +51,9 @@ class MethodTrainer(Trainer):
     """A ``Trainer`` whose loss comes from the method (``loss_fn``); the floats the loss
     function returns are averaged between logging steps and logged next to the loss."""
 
-    def __init__(self, *args, loss_fn: LossFn, **kwargs):
+    def __init__(self, *args, loss_fn: LossFn, schedule: str | None = None, **kwargs):
         super().__init__(*args, **kwargs)
-        self.loss_fn = loss_fn
+        self.loss_fn, self.schedule = loss_fn, schedule
         self.loss_is_scaled_for_ga = False  # our loss is a per-micro-batch mean: scale it for GA
         self._pending = defaultdict(list)
 
@@ -51,6 +62,13 @@ class MethodTrainer(Trainer):
         for key, value in metrics.items():
             self._pending[key].append(value)
         return (loss, None) if return_outputs else loss
+
+    def create_scheduler(self, num_training_steps: int, optimizer=None):
+        if self.schedule != COSINE_WARMUP_CONSTANT or self.lr_scheduler is not None:
+            return super().create_scheduler(num_training_steps, optimizer)
+        warmup = self.args.get_warmup_steps(num_training_steps)
+        self.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer or self.optimizer, cosine_warmup_constant(warmup))
+        return self.lr_scheduler
 
     def log(self, logs: dict, *args, **kwargs) -> None:
         if "loss" in logs and self._pending:
@@ -103,11 +121,12 @@ def fit(model, examples: list[dict], collate: Callable[[list[dict]], dict], loss
             per_device_train_batch_size=cfg.batch_size,
             gradient_accumulation_steps=cfg.grad_accum,
             learning_rate=cfg.learning_rate,
-            lr_scheduler_type=cfg.lr_scheduler,
+            lr_scheduler_type="constant" if cfg.lr_scheduler == COSINE_WARMUP_CONSTANT else cfg.lr_scheduler,
             warmup_steps=cfg.warmup_ratio,  # a float below 1 is a ratio of the total steps
             max_grad_norm=cfg.max_grad_norm,
             weight_decay=cfg.weight_decay,
             adam_beta2=cfg.adam_beta2,
+            adam_epsilon=cfg.adam_epsilon,
             num_train_epochs=epochs,
             seed=seed,
             data_seed=seed,
@@ -123,7 +142,7 @@ def fit(model, examples: list[dict], collate: Callable[[list[dict]], dict], loss
             dataloader_num_workers=0,
         )
         trainer = MethodTrainer(model=model, args=args, train_dataset=ListDataset(examples),
-                                data_collator=collate, loss_fn=loss_fn,
+                                data_collator=collate, loss_fn=loss_fn, schedule=cfg.lr_scheduler,
                                 callbacks=[_RunLogger(on_log, on_step)])
         # the trainer's default console printer duplicates our own logging
         from transformers.trainer_callback import PrinterCallback, ProgressCallback

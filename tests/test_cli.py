@@ -62,8 +62,8 @@ def test_eval_writes_results_and_samples(data_dir, tiny_model_dir, tmp_path):
 
 
 def train_args(model_dir, out, *extra):
-    return ["train", "rlag", "--output", out, f"model={model_dir}", "limit=4", "precision=fp32",
-            "rlag.chunks=2", "rlag.epochs=1", "train.batch_size=2", "train.learning_rate=1e-2", "train.warmup_ratio=0", "eval.limit=2", *extra]
+    return ["train", "rlag", "--output", out, f"model={model_dir}", "limit=4", "validation=2", "precision=fp32",
+            "rlag.chunks=2", "rlag.epochs=1", "train.batch_size=2", "train.learning_rate=1e-2", "train.warmup_ratio=0", "eval.limit=2", "rlag.grad_norm_every=1", *extra]
 
 
 def test_train_rlag_writes_a_complete_run(data_dir, tiny_model_dir, tmp_path):
@@ -78,6 +78,13 @@ def test_train_rlag_writes_a_complete_run(data_dir, tiny_model_dir, tmp_path):
     assert len(sampling) == 2 and {"chosen_correct", "rejected_correct", "chosen_failure"} <= set(sampling[0])
     assert any("reward_knowledge" in e for e in events if e["event"] == "train")
     assert all("dev_accuracy" in e for e in events if e["event"] == "iteration_end")
+    assert all(e["dev_split"] == "validation" for e in events if e["event"] == "iteration_end"), events
+    sample = json.loads((out / "data_sample.json").read_text())  # the seeded sample, saved
+    assert len(sample["train_ids"]) == 4 and len(sample["validation_ids"]) == 2 and sample["seed"] == 42
+    assert not set(sample["train_ids"]) & set(sample["validation_ids"])
+    coverage = next(e for e in events if e["event"] == "coverage")
+    assert {"test", "dev", "validation"} <= set(coverage) and coverage["test"]["questions"] == 4
+    assert any("grad_norm_knowledge" in e for e in events if e["event"] == "train")
     from transformers import AutoModelForCausalLM  # the model loads without kembed
 
     AutoModelForCausalLM.from_pretrained(out / "model")

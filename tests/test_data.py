@@ -402,3 +402,55 @@ def test_real_data_matches_provenance():
     assert all(r.kept > 0 for r in reports.values())
     assert reports["medical", "train"].read == 1273 and reports["medical", "test"].read == 1272
     assert len(load_knowledge_base("current-events", root)) > 1000
+
+
+# --- training samples and knowledge coverage --------------------------------------------------
+
+def test_training_sample_is_seeded_nested_and_holds_validation_out():
+    from conftest import make_records
+
+    from kembed.data import training_sample
+
+    records = make_records(30)
+    a = training_sample(records, limit=10, validation=5, seed=1)
+    assert [r.id for r in a.train] == [r.id for r in training_sample(records, limit=10, validation=5, seed=1).train]
+    assert {r.id for r in a.train} != {r.id for r in training_sample(records, limit=10, validation=5, seed=2).train}
+    assert {r.id for r in a.train} != {r.id for r in records[:10]}  # not the first N
+    assert not {r.id for r in a.train} & {r.id for r in a.validation}
+    assert all(r.split == "validation" for r in a.validation) and len(a.validation) == 5
+    bigger = training_sample(records, limit=20, validation=5, seed=1)
+    assert {r.id for r in a.train} <= {r.id for r in bigger.train}  # a smaller limit is a subset
+    assert [r.id for r in bigger.validation] == [r.id for r in a.validation]  # validation does not depend on limit
+    assert len(training_sample(records, limit=None, validation=5, seed=1).train) == 25
+    with pytest.raises(KembedError, match="holds out all"):
+        training_sample(records, limit=None, validation=30, seed=1)
+
+
+def test_knowledge_coverage_counts_on_made_up_records():
+    from kembed.data import knowledge_coverage
+    from kembed.records import QARecord
+
+    def rec(i, answer, snippets):
+        return QARecord(f"q{i}", "toy", "test", f"question {i}?", (answer, "other"), ("A", "B"), 0, snippets)
+
+    train = [rec(0, "x", ("Paris is the capital  of France.", "Rome is in Italy.")), rec(1, "y", ("Water boils.",))]
+    questions = [
+        rec(1, "Paris", ("Paris is the capital of France.",)),  # all covered (whitespace differs), answer in it
+        rec(2, "Italy", ("Rome is in Italy.", "Milan is in Italy.")),  # some; answer in a covered one
+        rec(3, "Milan", ("Rome is in Italy.", "Milan is rich.")),  # some; answer only in the uncovered one
+        rec(4, "Oslo", ("Oslo is in Norway.",)),  # none covered; answer in its own snippet
+        rec(5, "Lima", ()),  # no snippets
+    ]
+    assert knowledge_coverage(train, questions) == {"questions": 5, "all": 1, "some": 2, "none": 1, "no_snippets": 1,
+                                                    "answer_in_snippets": 4, "answer_covered": 2}
+
+
+def test_data_coverage_command(data_dir):
+    from typer.testing import CliRunner
+
+    from kembed.cli import app
+
+    result = CliRunner().invoke(app, ["data", "coverage", "--domain", "current-events", "--validation", "2",
+                                      "--limit", "3"])
+    assert result.exit_code == 0, result.output
+    assert "test" in result.output and "dev" in result.output and "validation" in result.output

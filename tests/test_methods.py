@@ -52,7 +52,7 @@ def test_lm_collate_and_loss(tiny_model, tiny_tokenizer):
 
 
 def run_method(method, model_dir, out, *extra):
-    args = ["train", method, "--output", out, f"model={model_dir}", "limit=4", "precision=fp32",
+    args = ["train", method, "--output", out, f"model={model_dir}", "limit=4", "validation=2", "precision=fp32",
             "train.batch_size=2", "train.learning_rate=1e-2", "train.warmup_ratio=0", "eval.limit=2", *extra]
     return CliRunner().invoke(app, [str(a) for a in args], catch_exceptions=False)
 

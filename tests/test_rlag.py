@@ -150,7 +150,38 @@ def test_loss_fn_equals_direct_computation_and_gradient(tiny_model, tiny_tokeniz
     assert loss.item() == pytest.approx(direct.item(), abs=1e-5)
     for g, d in zip(grads, direct_grads):
         assert torch.allclose(g, d, atol=1e-5)
-    assert set(metrics) == {"reward_knowledge", "reward_chosen", "reward_rejected"}
+    rewards = {"reward_knowledge", "reward_chosen", "reward_rejected"}
+    assert set(metrics) == rewards | {f"grad_norm_{t}" for t in ("knowledge", "chosen", "rejected")}
+
+
+def test_per_term_gradient_norms_add_up_and_show_saturation(tiny_model, tiny_tokenizer):
+    """The terms' gradient shares sum to the loss gradient; a clipped term contributes nothing;
+    the norms are logged every ``grad_norm_every`` micro-batches only."""
+    cfg = Config(grad_norm_every=2, eps_rejected=-100.0)  # the tiny model's log-probs are below -5
+    batch = _batch(tiny_tokenizer, cfg)
+    params = list(tiny_model.parameters())
+    loss_fn = make_loss_fn(cfg)
+    loss, first = loss_fn(tiny_model, batch)
+    assert first["grad_norm_knowledge"] > 0 and first["grad_norm_chosen"] > 0 and first["grad_norm_rejected"] > 0
+    assert "grad_norm_chosen" not in loss_fn(tiny_model, batch)[1]  # second micro-batch: not measured
+    assert "grad_norm_chosen" in loss_fn(tiny_model, batch)[1]  # third: measured again
+    total = torch.autograd.grad(loss, params)
+    # recompute the shares as gradients and add them up
+    from kembed.methods.rlag import rlag_logits, rlag_terms
+
+    lz, lw, ll = (torch.randn(3, requires_grad=True) for _ in range(3))
+    terms = rlag_terms(lz, lw, ll, batch["beta_D"], batch["beta_A"], cfg)
+    x = rlag_logits(terms, cfg)
+    full = torch.autograd.grad(-torch.nn.functional.logsigmoid(x).mean(), (lz, lw, ll), retain_graph=True)
+    shares = [torch.autograd.grad((-torch.sigmoid(-x.detach()) * t).mean(), (lz, lw, ll), retain_graph=True,
+                                  allow_unused=True) for t in terms.values()]
+    summed = [sum(s[i] if s[i] is not None else torch.zeros(3) for s in shares) for i in range(3)]
+    for f, s in zip(full, summed):
+        assert torch.allclose(f, s, atol=1e-6)
+    assert sum(float((g ** 2).sum()) for g in total) > 0
+    # a rejected log-prob below eps_rejected is clipped: its term has no gradient
+    saturated = Config(grad_norm_every=1)  # the code's eps2 = -5: the tiny model's log-probs are below it
+    assert make_loss_fn(saturated)(tiny_model, batch)[1]["grad_norm_rejected"] == 0.0
 
 
 def test_per_snippet_knowledge_changes_the_loss(tiny_model, tiny_tokenizer):
@@ -224,3 +255,34 @@ def test_a_training_step_moves_the_weights(tiny_model, tiny_tokenizer):
         epochs=1, seed=0, on_log=lambda step, values: logs.append(values))
     assert any(not torch.equal(a, b) for a, b in zip(before, tiny_model.parameters()))
     assert "reward_chosen" in logs[0] and "loss" in logs[0]
+
+
+def test_chunk_fraction_trains_a_seeded_subset():
+    from kembed.methods.rlag import trained_subset
+
+    pairs = [{"id": str(i)} for i in range(10)]
+    a = trained_subset(pairs, 0.8, seed=3)
+    assert len(a) == 8 and a == trained_subset(pairs, 0.8, seed=3)
+    assert a != trained_subset(pairs, 0.8, seed=4)
+    assert trained_subset(pairs, 1.0, seed=3) == pairs
+    assert len(trained_subset(pairs[:1], 0.5, seed=0)) == 1
+
+
+def test_reference_prompt_preset_has_instruction_options_and_knowledge():
+    record = make_records(2)[1]
+    reference = PromptFormat.model_validate({"preset": "reference"})
+    chat = reference.chat_prompt(record, record.knowledge)
+    assert "; ".join(record.options) in chat and record.knowledge[0] in chat and chat.endswith("Answer:")
+    assert record.knowledge[0] not in reference.chat_prompt(record, None)
+    sampling = reference.scoring_prompt(record, None)
+    assert sampling.endswith(record.question) and len(sampling) > len(record.question)  # an instruction before it
+    assert PromptFormat().scoring_prompt(record, None) == record.question  # bare: the paper's scoring prompt
+    custom = PromptFormat.model_validate({"preset": "reference", "closed_book": "Q: {question}"})
+    assert custom.scoring_prompt(record, None) == f"Q: {record.question}"  # an explicit template wins
+
+
+def test_cosine_warmup_then_constant_schedule():
+    from kembed.trainer import cosine_warmup_constant
+
+    f = cosine_warmup_constant(4)
+    assert [round(f(s), 4) for s in range(6)] == [0.0, 0.1464, 0.5, 0.8536, 1.0, 1.0]

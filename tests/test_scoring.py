@@ -1,18 +1,23 @@
+import json
+
 import pytest
 import torch
 
 from conftest import make_records
+from kembed.errors import ModelError
 from kembed.models import Placement
-from kembed.prompts import PromptFormat, truncate_knowledge
-from kembed.scoring import OptionScorer, OptionScores, encode_options, logprob_sums_reference
+from kembed.prompts import FORMATS, PromptFormat, documents_prompt, truncate_knowledge
+from kembed.scoring import (OptionScorer, OptionScores, build_prompt, encode_options, logprob_sums_reference,
+                            logprob_sums_shared_prefix)
 
 FP32 = Placement("cpu", "fp32")
 
 
+@pytest.mark.parametrize("fmt", FORMATS)
 @pytest.mark.parametrize("with_knowledge", [False, True])
-def test_shared_prefix_matches_reference(tiny_model, tiny_tokenizer, with_knowledge):
-    fast = OptionScorer(tiny_model, tiny_tokenizer, FP32)
-    slow = OptionScorer(tiny_model, tiny_tokenizer, FP32, implementation="reference")
+def test_shared_prefix_matches_reference(tiny_model, tiny_tokenizer, with_knowledge, fmt):
+    fast = OptionScorer(tiny_model, tiny_tokenizer, FP32, fmt=fmt)
+    slow = OptionScorer(tiny_model, tiny_tokenizer, FP32, implementation="reference", fmt=fmt)
     for record in make_records(6):
         knowledge = fast.knowledge(record) if with_knowledge else None
         a, b = fast.score(record, knowledge), slow.score(record, knowledge)
@@ -61,3 +66,118 @@ def test_prompt_modes():
     fmt = PromptFormat()
     assert fmt.scoring_prompt(record, None) == record.question
     assert fmt.scoring_prompt(record, record.knowledge).startswith(record.knowledge[0])
+
+
+def test_raw_prompt_is_the_papers(tiny_tokenizer):
+    """The raw format (the default) is unchanged: the bare question, options after a space."""
+    record = make_records(2)[1]
+    fmt = PromptFormat()
+    assert build_prompt(fmt, record, None) == (record.question, " ")
+    assert build_prompt(fmt, record, record.knowledge, "raw", tiny_tokenizer) == (
+        fmt.scoring_prompt(record, record.knowledge), " ")
+    assert OptionScorer(None, tiny_tokenizer, FP32).prompt(record) == (record.question, " ")
+
+
+def test_chat_prompt_uses_the_template(tiny_tokenizer):
+    record = make_records(2)[1]
+    prompts = PromptFormat()
+    closed = build_prompt(prompts, record, None, "chat", tiny_tokenizer)
+    assert closed.text == f"<|im_start|>user\n{record.question}<|im_end|>\n<|im_start|>assistant\n"
+    assert closed.answer_prefix == ""
+    with_docs = build_prompt(prompts, record, record.knowledge, "chat", tiny_tokenizer)
+    user = documents_prompt(record.question, record.knowledge)
+    assert "<DOCUMENT>" in user and user.endswith(f"Question: {record.question}")
+    assert with_docs.text == f"<|im_start|>user\n{user}<|im_end|>\n<|im_start|>assistant\n"
+    # the template's markers are tokenized as special tokens (one id each), not as bytes
+    prefix, options = encode_options(tiny_tokenizer, closed.text, record.options, closed.answer_prefix)
+    start, end = tiny_tokenizer.convert_tokens_to_ids(["<|im_start|>", "<|im_end|>"])
+    assert prefix[0] == start and prefix.count(start) == 2 and prefix.count(end) == 1
+    assert prefix[-len(tiny_tokenizer("assistant\n", add_special_tokens=False)["input_ids"]) - 1] == start
+    assert options == [tiny_tokenizer(o, add_special_tokens=False)["input_ids"] for o in record.options]
+
+
+@pytest.mark.parametrize("with_knowledge", [False, True])
+def test_chat_option_is_scored_as_the_assistant_reply(tiny_model, tiny_tokenizer, with_knowledge):
+    """One forward pass over the templated conversation whose assistant turn is the option
+    (cut before the end-of-turn) gives the scorer's summed log-prob of that option."""
+    record = make_records(2)[1]
+    scorer = OptionScorer(tiny_model, tiny_tokenizer, FP32, fmt="chat")
+    knowledge = scorer.knowledge(record) if with_knowledge else None
+    user = documents_prompt(record.question, knowledge) if with_knowledge else record.question
+    scores = {impl: OptionScorer(tiny_model, tiny_tokenizer, FP32, implementation=impl, fmt="chat")
+              .score(record, knowledge) for impl in ("shared_prefix", "reference")}
+    prompt_ids = tiny_tokenizer(scorer.prompt(record, knowledge).text, add_special_tokens=False)["input_ids"]
+    for i, option in enumerate(record.options):
+        full = tiny_tokenizer.apply_chat_template(
+            [{"role": "user", "content": user}, {"role": "assistant", "content": option}],
+            tokenize=False, continue_final_message=True)
+        assert full.endswith("<|im_start|>assistant\n" + option)
+        ids = tiny_tokenizer(full, add_special_tokens=False)["input_ids"]
+        n = len(ids) - len(prompt_ids)
+        assert ids[:len(prompt_ids)] == prompt_ids and n == scores["reference"].n_tokens[i]
+        assert ids[len(prompt_ids):] == tiny_tokenizer(option, add_special_tokens=False)["input_ids"]
+        with torch.no_grad():
+            logp = tiny_model(input_ids=torch.tensor([ids])).logits[0].log_softmax(-1)  # [s, v]
+        expected = sum(logp[t - 1, ids[t]].item() for t in range(len(ids) - n, len(ids)))
+        for impl, result in scores.items():
+            assert result.logprob_sum[i] == pytest.approx(expected, abs=1e-4), impl
+
+
+def test_format_validation(tiny_model, tiny_tokenizer, monkeypatch):
+    with pytest.raises(ValueError, match="unknown scoring format 'bogus'"):
+        OptionScorer(tiny_model, tiny_tokenizer, FP32, fmt="bogus")
+    with pytest.raises(ValueError, match="raw, chat"):
+        build_prompt(PromptFormat(), make_records(1)[0], None, "bogus", tiny_tokenizer)
+    monkeypatch.setattr(tiny_tokenizer, "chat_template", None)
+    OptionScorer(tiny_model, tiny_tokenizer, FP32)  # raw needs no template
+    with pytest.raises(ModelError, match="no chat template"):
+        OptionScorer(tiny_model, tiny_tokenizer, FP32, fmt="chat")
+
+
+def test_results_table_shows_the_format():
+    from rich.console import Console
+
+    from kembed.evaluate import results_table
+
+    base = {"model": "m", "domain": "d", "split": "test", "n": 4, "accuracy": dict.fromkeys(("token_mean", "sum", "char_norm"), 0.5),
+            "ci95": dict.fromkeys(("token_mean", "sum", "char_norm"), [0.25, 0.75])}
+    raw = {**base, "mode": "closed-book", "format": "raw"}
+    old = {**base, "mode": "oracle-context"}  # written before formats existed: raw
+    chat = {**base, "mode": "retrieved-context", "format": "chat", "index": "bm25", "top_k": 3}
+
+    def render(rows):
+        console = Console(width=250, record=True)
+        console.print(results_table(rows))
+        return console.export_text()
+
+    assert "raw" not in render([raw, old]) and "chat" not in render([raw, old])
+    text = render([raw, old, chat])
+    assert "closed-book, raw" in text and "oracle-context, raw" in text
+    assert "retrieved-context (bm25, k=3), chat" in text
+
+
+def test_cli_eval_format(data_dir, tiny_model_dir, tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    from kembed.cli import app
+
+    def invoke(*args):
+        return CliRunner().invoke(app, [str(a) for a in args], catch_exceptions=False)
+
+    monkeypatch.chdir(tmp_path)  # the default output directory goes under runs/
+    result = invoke("eval", "--domain", "current-events", "--model", tiny_model_dir, "--precision", "fp32",
+                    "--device", "cpu", "--mode", "oracle-context", "--format", "chat", "--limit", 2)
+    assert result.exit_code == 0, result.output
+    (out,) = (tmp_path / "runs").iterdir()
+    assert out.name.startswith("eval-current-events-test-oracle-context-chat-")
+    summary = json.loads((out / "results.json").read_text())
+    assert summary["format"] == "chat" and summary["mode"] == "oracle-context" and summary["n"] == 2
+    raw = invoke("eval", "--domain", "current-events", "--model", tiny_model_dir, "--precision", "fp32",
+                 "--device", "cpu", "--limit", 2, "--output", tmp_path / "raw")
+    assert raw.exit_code == 0, raw.output
+    assert json.loads((tmp_path / "raw" / "results.json").read_text())["format"] == "raw"
+    bad = invoke("eval", "--domain", "current-events", "--model", tiny_model_dir, "--format", "bogus",
+                 "--output", tmp_path / "bad")
+    assert bad.exit_code == 2 and "unknown --format 'bogus'" in bad.output and "raw, chat" in bad.output
+    assert len(bad.output.strip().splitlines()) == 1 and "Traceback" not in bad.output
+    assert not (tmp_path / "bad").exists()

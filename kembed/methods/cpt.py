@@ -1,10 +1,15 @@
 """CPT: continual pre-training, causal-LM loss on every token of the domain knowledge text
 (methods.md, "CPT"): each document wrapped BOS + text + EOS, concatenated and cut into
-fixed-size token blocks. The text is the domain's knowledge base where it has one, else the
-unique train-split knowledge snippets; never the test split's.
+fixed-size token blocks. The text (``cpt.corpus``) is either ``knowledge-base``, the domain's
+knowledge base as the paper does (else the unique train-split snippets,
+:func:`kembed.retrieval.domain_documents`), or ``train-snippets``, the unique knowledge snippets
+of the run's training records: the same knowledge RLAG, RAFT and SimRAG see. Never the test
+split's snippets.
 """
 
 from __future__ import annotations
+
+from typing import Literal
 
 from kembed.config import Strict
 from kembed.methods.common import fit_lm
@@ -20,7 +25,11 @@ class Config(Strict):
         block_size: tokens per training block (reference: 256).
         epochs: passes over the blocks.
         max_blocks: use only the first N blocks (``null``: all), for CPU-scale runs.
+        corpus: ``knowledge-base`` (the paper) or ``train-snippets`` (the training records'
+            snippets, the knowledge the other methods are given).
     """
+
+    corpus: Literal["knowledge-base", "train-snippets"] = "knowledge-base"
 
     block_size: int = 256
     epochs: float = 1
@@ -41,10 +50,14 @@ def run_stage(ctx, cfg: Config, label: str) -> None:
     """Train CPT on the domain documents through the shared backend (used by ``cpt-sft`` too)."""
     from kembed.retrieval import domain_documents
 
-    documents = domain_documents(ctx.config.domain, ctx.config.data_dir)
+    if cfg.corpus == "knowledge-base":
+        documents = domain_documents(ctx.config.domain, ctx.config.data_dir)
+    else:
+        documents = list(dict.fromkeys(z for r in ctx.records for z in r.knowledge))  # unique, first-seen order
     blocks = token_blocks(ctx.tokenizer, documents, cfg.block_size)[: cfg.max_blocks]
-    ctx.run.log("cpt_corpus", documents=len(documents), blocks=len(blocks), block_size=cfg.block_size)
-    ctx.console.print(f"CPT corpus: {len(documents)} documents -> {len(blocks)} blocks of {cfg.block_size} tokens")
+    ctx.run.log("cpt_corpus", corpus=cfg.corpus, documents=len(documents), blocks=len(blocks), block_size=cfg.block_size)
+    ctx.console.print(f"CPT corpus ({cfg.corpus}): {len(documents)} documents -> {len(blocks)} blocks of "
+                      f"{cfg.block_size} tokens")
     examples = [{"input_ids": b, "loss_mask": [1] * len(b)} for b in blocks]
     fit_lm(ctx, examples, cfg.epochs, label)
 

@@ -7,7 +7,12 @@ domain index, or drawn at random). A fraction P of the examples gets D* + distra
 rest distractors only; the document order is shuffled. The target is a chain-of-thought answer
 that quotes the supporting text between ``##begin_quote##`` and ``##end_quote##`` and ends
 with ``<ANSWER>: <gold answer>``; it is built extractively (gold answer + the best-supporting
-sentences of D*) or written by a teacher model. Training is plain SFT on the target.
+sentences of D*) or written by a teacher model. Every document is cut at a sentence boundary to
+``max_doc_tokens`` tokens before it goes into the prompt, and the target is built from the cut
+D* (a teacher sees the same cut D*), so every extractive quote of an example whose prompt
+holds D* is text of that prompt. The user prompt is ``kembed.prompts.documents_prompt`` (the
+layout SimRAG and chat-format scoring share) plus RAFT's instruction line. Training is plain SFT
+on the target.
 """
 
 from __future__ import annotations
@@ -20,7 +25,7 @@ from pydantic import model_validator
 
 from kembed.config import Strict
 from kembed.methods.common import chat_answer_ids, fit_lm
-from kembed.prompts import cut_tokens
+from kembed.prompts import cut_tokens, documents_prompt
 from kembed.records import QARecord
 
 NAME = "raft"
@@ -53,7 +58,8 @@ class Config(Strict):
         oracle_docs: how many of the question's snippets form D* (the best-supporting ones;
             ``null``: all of them).
         quote_sentences: sentences the extractive target quotes.
-        max_doc_tokens: each document is cut to this many tokens in the prompt (0: no cut).
+        max_doc_tokens: each document in the prompt keeps its leading whole sentences that fit
+            in this many tokens (see ``cut_sentences``; 0: no cut).
         target: ``extractive`` or ``teacher``.
         teacher: the teacher model, for ``target: teacher``.
         epochs: passes over the examples.
@@ -89,6 +95,29 @@ def sentences(text: str) -> list[str]:
     return [s.strip() for s in re.split(r"(?<=[.!?])\s+", text) if s.strip()]
 
 
+def cut_sentences(tokenizer, text: str, max_tokens: int) -> str:
+    """``text`` cut at a sentence boundary to at most ``max_tokens`` tokens.
+
+    Tokens are counted with ``tokenizer`` without special tokens. The result is the longest
+    verbatim prefix of ``text`` that ends with a whole sentence (``sentences``) and fits the
+    budget, so each kept sentence is a substring of it. ``text`` comes back unchanged when it
+    fits or when ``max_tokens <= 0``; when even the first sentence is over the budget, that
+    sentence is cut to its first ``max_tokens`` tokens (``cut_tokens``) rather than dropped.
+    """
+    def n_tokens(s: str) -> int:
+        return len(tokenizer(s, add_special_tokens=False)["input_ids"])
+
+    if max_tokens <= 0 or n_tokens(text) <= max_tokens:
+        return text
+    kept, end = "", 0
+    for sentence in sentences(text):
+        end = text.index(sentence, end) + len(sentence)
+        if n_tokens(text[:end]) > max_tokens:
+            break
+        kept = text[:end]
+    return kept or cut_tokens(tokenizer, text[:end], max_tokens)
+
+
 def support(text: str, record: QARecord) -> float:
     """How well ``text`` supports the gold answer: answer words found count double,
     question words once (a plain overlap score; no model)."""
@@ -121,10 +150,10 @@ def teacher_prompt(record: QARecord, oracle: list[str]) -> str:
 
 
 def user_prompt(record: QARecord, documents: list[str]) -> str:
-    """The training prompt: the shuffled documents, then the question."""
-    docs = "\n".join(f"<DOCUMENT>{d}</DOCUMENT>" for d in documents)
-    return (f"{docs}\n\nQuestion: {record.question}\nAnswer using the documents: quote what supports the "
-            f"answer between {BEGIN} and {END}, then give the final answer after '{ANSWER}'.")
+    """The training prompt: the documents and the question (``documents_prompt``), then RAFT's
+    instruction line (quote between the markers, final answer after ``<ANSWER>:``)."""
+    return (f"{documents_prompt(record.question, documents)}\nAnswer using the documents: quote what supports "
+            f"the answer between {BEGIN} and {END}, then give the final answer after '{ANSWER}'.")
 
 
 def choose_distractors(record: QARecord, oracle: list[str], k: int, documents: list[str], rng: random.Random,
@@ -144,20 +173,24 @@ def build_examples(records: list[QARecord], cfg: Config, documents: list[str], s
                    truncate=lambda d: d) -> list[dict]:
     """The RAFT mixture: exactly round(P * n) examples (a seeded choice) get the oracle
     documents (none for a record without knowledge snippets); every example gets k
-    distractors; document order is shuffled.
+    distractors; document order is shuffled. Every document is passed through ``truncate``
+    (``train`` gives ``cut_sentences`` at ``max_doc_tokens``) and the target quotes the cut
+    oracle documents, the text the prompt shows.
 
     Returns:
-        Dicts with id, has_oracle, documents (prompt order), oracle, target (extractive; the
-        teacher replaces it later when configured) and builder.
+        Dicts with id, has_oracle, documents (as in the prompt, in prompt order), oracle (the
+        cut oracle documents the target is built from, also for examples without them in the
+        prompt), target (extractive; the teacher replaces it later when configured) and builder.
     """
     rng = random.Random(seed)
     with_oracle = set(rng.sample(range(len(records)), round(cfg.p * len(records))))
     examples = []
     for i, record in enumerate(records):
-        oracle = oracle_documents(record, cfg.oracle_docs)
-        distractors = choose_distractors(record, oracle, cfg.k, documents, rng, index)
+        full = oracle_documents(record, cfg.oracle_docs)
+        distractors = choose_distractors(record, full, cfg.k, documents, rng, index)
+        oracle = [truncate(d) for d in full]
         has_oracle = i in with_oracle and bool(oracle)
-        docs = [truncate(d) for d in (oracle if has_oracle else []) + distractors]
+        docs = (oracle if has_oracle else []) + [truncate(d) for d in distractors]
         rng.shuffle(docs)
         examples.append({"id": record.id, "has_oracle": has_oracle, "documents": docs, "oracle": oracle,
                          "target": extractive_target(record, oracle, cfg.quote_sentences), "builder": "extractive"})
@@ -198,7 +231,7 @@ def train(ctx) -> None:
     index = build_index(ctx.config.domain, cfg.index, ctx.config.data_dir) if cfg.distractors == "retrieved" else None
 
     examples = build_examples(ctx.records, cfg, documents, ctx.config.seed, index,
-                              lambda doc: cut_tokens(ctx.tokenizer, doc, cfg.max_doc_tokens))
+                              lambda doc: cut_sentences(ctx.tokenizer, doc, cfg.max_doc_tokens))
     if cfg.target == "teacher":
         apply_teacher(examples, ctx.records, make_teacher(cfg.teacher, ctx.placement))
     write_jsonl(ctx.run.path / "raft_examples.jsonl", examples)

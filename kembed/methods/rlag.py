@@ -25,7 +25,7 @@ from typing import Literal
 
 import torch
 import torch.nn.functional as F
-from pydantic import model_validator
+from pydantic import Field, model_validator
 
 from kembed.config import Strict
 from kembed.errors import ConfigError
@@ -57,6 +57,11 @@ class Config(Strict):
             ``per_snippet`` = sum of per-snippet means, each snippet scored on its own (figure).
         answer_span: ``template`` = the answer mean includes the chat template's assistant
             header and end-of-turn tokens (code); ``answer`` = answer tokens only (figure).
+        chunk_fraction: the seeded random fraction of each chunk's sampled pairs that is
+            trained on (the authors' code trains a random 80%: ``int(0.8 * n)`` pairs).
+        grad_norm_every: every this many micro-batches, log the gradient norm that each active
+            loss term contributes (``grad_norm_<term>``; 0: never); costs about one extra
+            backward pass each time.
         no_rejected, no_knowledge, no_gamma, no_clip, fixed_beta, pure_chosen, pure_knowledge,
         pure_rejected, chosen_is_gold: the ablation switches of the reference code
         (NoRejected, NoInformation, NoGamma, NoClip, FixBeta_AD, PureChosen, PureInformation,
@@ -76,6 +81,8 @@ class Config(Strict):
     clip_order: Literal["before_beta", "after_beta"] = "before_beta"
     knowledge_logprob: Literal["concat", "per_snippet"] = "concat"
     answer_span: Literal["template", "answer"] = "template"
+    chunk_fraction: float = Field(1.0, gt=0, le=1)
+    grad_norm_every: int = Field(10, ge=0)
     no_rejected: bool = False
     no_knowledge: bool = False
     no_gamma: bool = False
@@ -114,21 +121,21 @@ class Config(Strict):
 # ----------------------------------------------------------------------------- loss
 
 
-def rlag_loss(lz: torch.Tensor, lw: torch.Tensor, ll: torch.Tensor, beta_D: torch.Tensor,
-              beta_A: torch.Tensor, cfg: Config) -> torch.Tensor:
-    """Per-example RLAG loss (authors' code, utils.py ``compute_rlag_batch_loss``; figure
-    variants by option).
+def rlag_terms(lz: torch.Tensor, lw: torch.Tensor, ll: torch.Tensor, beta_D: torch.Tensor,
+               beta_A: torch.Tensor, cfg: Config) -> dict[str, torch.Tensor]:
+    """The active terms inside the RLAG sigmoid (authors' code, utils.py
+    ``compute_rlag_batch_loss``; the paper figure's clipping by option).
 
     Args:
         lz: ``[b]`` knowledge log-prob (mean, or sum of per-snippet means).
         lw: ``[b]`` mean log-prob of the chosen answer given the prompt with Z.
         ll: ``[b]`` mean log-prob of the rejected answer given the prompt without Z.
         beta_D, beta_A: ``[b]`` per-example betas.
-        cfg: the method config (gamma, clipping, ablation switches).
+        cfg: the method config (clipping, ablation switches).
 
     Returns:
-        ``[b]``: ``-log sigmoid(sum of active terms - gamma)``. Inactive terms may be any
-        tensor (they are not read).
+        term name (``knowledge``, ``chosen``, ``rejected``) -> ``[b]``, for the active terms
+        only; inactive inputs may be any tensor (they are not read).
     """
     eps1, eps2 = cfg.eps_chosen, cfg.eps_rejected
     terms = {}
@@ -149,9 +156,41 @@ def rlag_loss(lz: torch.Tensor, lw: torch.Tensor, ll: torch.Tensor, beta_D: torc
             terms["rejected"] = -beta_A * ll.clamp(min=eps2)  # code: -beta_A * max(ll, -5)
         else:
             terms["rejected"] = -(beta_A * ll).clamp(min=eps2)  # figure: -max(beta * ll, eps2)
-    gamma = 0.0 if cfg.no_gamma else cfg.gamma
-    logits = sum(terms.values()) - gamma  # [b]
-    return -F.logsigmoid(logits)  # [b]
+    return terms
+
+
+def rlag_logits(terms: dict[str, torch.Tensor], cfg: Config) -> torch.Tensor:
+    """``[b]``: the sum of the active terms minus gamma (0 under ``no_gamma``)."""
+    return sum(terms.values()) - (0.0 if cfg.no_gamma else cfg.gamma)
+
+
+def rlag_loss(lz: torch.Tensor, lw: torch.Tensor, ll: torch.Tensor, beta_D: torch.Tensor,
+              beta_A: torch.Tensor, cfg: Config) -> torch.Tensor:
+    """Per-example RLAG loss ``[b]``: ``-log sigmoid(sum of active terms - gamma)`` (see
+    :func:`rlag_terms` for the arguments)."""
+    return -F.logsigmoid(rlag_logits(rlag_terms(lz, lw, ll, beta_D, beta_A, cfg), cfg))  # [b]
+
+
+def term_grad_norms(model, terms: dict[str, torch.Tensor], logits: torch.Tensor) -> dict[str, float]:
+    """The L2 norm of the gradient that each term contributes to the mean loss of a batch.
+
+    ``d mean(-log sigmoid(x)) / d theta = sum over terms t of mean(-sigmoid(-x) * d t / d theta)``
+    with ``x = logits`` ``[b]``, so term t's share is the gradient of
+    ``mean(-sigmoid(-x).detach() * t)``; the shares add up to the full gradient. A term whose
+    clip is active (or whose beta is 0) contributes 0, which shows saturation.
+
+    Returns:
+        ``{"grad_norm_<term>": norm}`` for every term in ``terms``.
+    """
+    params = [p for p in model.parameters() if p.requires_grad]
+    weight = -torch.sigmoid(-logits.detach())  # [b]: d loss_i / d x_i
+    norms = {}
+    for name, term in terms.items():
+        share = (weight * term).mean()
+        grads = torch.autograd.grad(share, params, retain_graph=True, allow_unused=True) if share.requires_grad else []
+        squares = [(g.float() ** 2).sum() for g in grads if g is not None]
+        norms[f"grad_norm_{name}"] = float(torch.stack(squares).sum().sqrt()) if squares else 0.0
+    return norms
 
 
 # ----------------------------------------------------------------------------- examples
@@ -240,6 +279,7 @@ def make_loss_fn(cfg: Config):
     rejected rewards are means over the examples that were computed.
     """
     active = cfg.active_terms()
+    calls = [0]  # micro-batches seen, for grad_norm_every
 
     def group_logprobs(model, batch, side, rows):
         ids, attention = batch[f"{side}_ids"][rows], batch[f"{side}_attention"][rows]
@@ -262,7 +302,12 @@ def make_loss_fn(cfg: Config):
             rows = group_logprobs(model, batch, "knowledge", every)  # [k]
             lz = zeros.index_add(0, batch["knowledge_owner"], rows)  # [b]: sum of each example's rows
             metrics["reward_knowledge"] = lz.mean().item()
-        loss = rlag_loss(lz, lw, ll, batch["beta_D"], batch["beta_A"], cfg).mean()
+        terms = rlag_terms(lz, lw, ll, batch["beta_D"], batch["beta_A"], cfg)  # term -> [b]
+        logits = rlag_logits(terms, cfg)  # [b]
+        loss = -F.logsigmoid(logits).mean()
+        calls[0] += 1
+        if cfg.grad_norm_every and (calls[0] - 1) % cfg.grad_norm_every == 0 and loss.requires_grad:
+            metrics.update(term_grad_norms(model, terms, logits))
         return loss, metrics
 
     return loss_fn
@@ -317,6 +362,15 @@ def split_chunks(records: list[QARecord], n: int, seed: int) -> list[list[QAReco
     return [order[i * len(order) // n:(i + 1) * len(order) // n] for i in range(n)]
 
 
+def trained_subset(pairs: list[dict], fraction: float, seed: int) -> list[dict]:
+    """The seeded random ``int(fraction * n)`` pairs (at least one) that a chunk trains on (the
+    authors train a random 80% of each chunk's pairs); all of them when ``fraction`` is 1."""
+    if fraction >= 1 or not pairs:
+        return list(pairs)
+    keep = set(random.Random(seed).sample(range(len(pairs)), max(1, int(fraction * len(pairs)))))
+    return [p for i, p in enumerate(pairs) if i in keep]
+
+
 # ----------------------------------------------------------------------------- training
 
 
@@ -343,11 +397,14 @@ def train(ctx) -> None:
         name = f"iteration {it + 1}/{total}"
         with ctx.task(f"{name}: sampling", len(chunk)) as advance:
             pairs, counts = sample_pairs(scorer, chunk, cfg, progress=advance)
-        write_jsonl(ctx.run.path / "pairs" / f"iter-{it + 1:03d}.jsonl", pairs)
-        ctx.run.log("sampling", iteration=it + 1, **counts)
+        trained = trained_subset(pairs, cfg.chunk_fraction, ctx.config.seed + it)
+        trained_ids = {p["id"] for p in trained}
+        write_jsonl(ctx.run.path / "pairs" / f"iter-{it + 1:03d}.jsonl",
+                    [{**p, "trained": p["id"] in trained_ids} for p in pairs])
+        ctx.run.log("sampling", iteration=it + 1, trained=len(trained), **counts)
         ctx.console.print(f"[bold]{name}[/] sampled {len(pairs)} pairs: chosen correct {counts['chosen_correct']}, "
                           f"rejected correct {counts['rejected_correct']}, chosen wrong while rejected right "
-                          f"{counts['chosen_failure']}, same answer {counts['same']}")
-        examples = [build_example(ctx.tokenizer, by_id[p["id"]], p, ctx.config.prompts, cfg) for p in pairs]
+                          f"{counts['chosen_failure']}, same answer {counts['same']}; training on {len(trained)}")
+        examples = [build_example(ctx.tokenizer, by_id[p["id"]], p, ctx.config.prompts, cfg) for p in trained]
         ctx.fit(examples, collate, loss_fn, epochs=cfg.epochs, seed=ctx.config.seed + it, label=name)
         ctx.finish_iteration(it + 1)
