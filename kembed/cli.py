@@ -130,9 +130,10 @@ def evaluate(domain: str = typer.Option(..., help="Domain to evaluate on."),
         task = progress.add_task(f"scoring {domain}/{split} ({mode}, {fmt})", total=len(records))
         summary, samples = run_eval(model, records, mode=mode, placement=placement, implementation=scorer,
                                     progress=lambda: progress.advance(task), index=retriever, top_k=top_k, fmt=fmt)
-    from kembed.evaluate import run_coverage
+    from kembed.evaluate import run_coverage, run_training
 
-    summary = {"domain": domain, "split": split, **summary, "coverage": run_coverage(model, records, data_dir)}
+    summary = {"domain": domain, "split": split, **summary, "coverage": run_coverage(model, records, data_dir),
+               "trained_on": run_training(model)}
     write_results(out, summary, samples)
     console.print(results_table([summary]))
     console.print(f"{summary['questions_per_second']} questions/s; results in {out}")

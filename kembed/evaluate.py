@@ -199,7 +199,8 @@ def results_table(rows: list[dict], title: str = "Accuracy"):
     Domain and split go in the title when all rows share them. The last column is the
     knowledge coverage of a trained run's questions (``coverage`` in the summary): questions whose
     gold answer occurs in snippets the run trained on / questions whose answer is in their own
-    snippets; ``-`` for a model that is not a kembed run. The mode column reads e.g.
+    snippets; ``-`` for a model that is not a kembed run. Then what the run trained on
+    (``trained_on``, :func:`run_training`). The mode column reads e.g.
     ``retrieved-context (bm25, k=3)``; when any row is not in the raw format every row also
     names its format (``closed-book, chat``, ``closed-book, raw``); a summary without
     ``format`` (written before formats existed) is raw."""
@@ -215,6 +216,7 @@ def results_table(rows: list[dict], title: str = "Accuracy"):
     for s in SCORERS:
         table.add_column(f"{s} % [95% CI]", justify="right")
     table.add_column("answer in training knowledge", justify="right")
+    table.add_column("trained on", overflow="fold")
     show_format = any((r.get("format") or "raw") != "raw" for r in rows)
     for r in rows:
         cells = [f"{100 * r['accuracy'][s]:.1f} [{100 * r['ci95'][s][0]:.1f}-{100 * r['ci95'][s][1]:.1f}]"
@@ -225,7 +227,7 @@ def results_table(rows: list[dict], title: str = "Accuracy"):
         c = r.get("coverage")
         covered = f"{c['answer_covered']}/{c['answer_in_snippets']}" if c else "-"
         table.add_row(_model_label(str(r.get("model"))), *[str(r.get(k)) for k in per_row], mode, str(r["n"]),
-                      *cells, covered)
+                      *cells, covered, r.get("trained_on") or "-")
     return table
 
 
@@ -251,6 +253,22 @@ def run_coverage(model: str, records: list[QARecord], data_dir=None) -> dict | N
         return None
     ids = set(json.loads((path / "data_sample.json").read_text())["train_ids"])
     return knowledge_coverage([r for r in load_records(domain, "train", data_dir) if r.id in ids], records)
+
+
+def run_training(model: str) -> str | None:
+    """What a kembed run trained on, in a few words for results tables (method, the number of
+    training records and the sample's seed, and CPT's corpus); None when ``model`` is not a run."""
+    import yaml
+
+    path = Path(model) / "config.yaml"
+    if not path.is_file() or not (Path(model) / "kembed-run.json").is_file():
+        return None
+    cfg = yaml.safe_load(path.read_text()) or {}
+    method = cfg.get("method", "?")
+    section = cfg.get(method) or {}
+    corpus = (section.get("cpt") or section).get("corpus") if isinstance(section, dict) else None
+    records = "all" if cfg.get("limit") is None else cfg["limit"]
+    return f"{method}: {records} records (seed {cfg.get('seed')})" + (f", CPT corpus {corpus}" if corpus else "")
 
 
 def write_results(output: Path, summary: dict, samples: list[dict]) -> None:

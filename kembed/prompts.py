@@ -1,9 +1,10 @@
 """Prompt formats shared by evaluation and the methods (domain-neutral, configurable per recipe).
 
-The option-scoring prompts follow the RLAG evaluation protocol (methods.md, "Shared evaluation
-protocol"): the scored text is ``prompt + answer_prefix + option`` with no instruction, no chat
-template and no special tokens. The chat prompts are the user turns that training methods wrap
-in the model's chat template.
+The raw option-scoring prompts follow the RLAG evaluation protocol (methods.md, "Shared
+evaluation protocol"): the scored text is ``prompt + answer_prefix + option`` with no
+instruction, no chat template and no special tokens. The chat prompts are the user turns that
+training methods (and chat-format scoring, :mod:`kembed.scoring`) wrap in the model's chat
+template. :data:`PRESETS` holds named template sets (``bare``, ``reference``).
 """
 
 from __future__ import annotations
@@ -62,8 +63,10 @@ class PromptFormat(BaseModel):
         closed_book: option-scoring prompt without knowledge (paper: the bare question).
         with_knowledge: option-scoring prompt with the knowledge snippets.
         answer_prefix: text between the prompt and the option when scoring.
-        chat_closed_book: chat user turn without knowledge (training).
-        chat_with_knowledge: chat user turn with knowledge (training).
+        chat_closed_book: chat user turn without knowledge (training, and the closed-book user
+            turn of chat-format scoring).
+        chat_with_knowledge: chat user turn with knowledge (RLAG training; chat-format scoring
+            with documents uses :func:`documents_prompt`).
         knowledge_max_tokens: budget for the knowledge in any prompt; snippets are kept in
             order and the one that crosses the budget is cut (``0`` = no limit).
     """

@@ -1,10 +1,22 @@
 """SimRAG (Xu et al., NAACL 2025, arXiv 2410.17952), as methods.md describes it.
 
-Stage I (optional): fine-tune on general instruction / context-QA data given as JSONL files
-(``prompt``/``instruction`` [+ ``input``] -> ``response``/``output``), answer-only loss. No such
-data is available offline, so without ``stage1_files`` the stage is skipped with a notice.
+Stage I: fine-tune the model on the retrieval-oriented skills Stage II uses, answer-only loss.
+The paper's general instruction / QA data is not available offline, so kembed builds Stage I
+from the run's own training records (``stage1_records``; each snippet cut to ``max_doc_tokens``):
 
-Stage II (self-training, one round), with the current model:
+- context-grounded QA: ``documents_prompt(question, snippets)`` -> the gold answer text
+  (records with snippets only);
+- answer extraction: ``extraction_prompt(snippet, answers_per_document)`` -> the gold answer as
+  it occurs in the snippet (case-insensitive whole-word match, the snippet's casing), for every
+  snippet that contains it;
+- question generation: ``question_prompt(snippet, answer, "short_answer")`` -> the record's
+  question, for the same snippets.
+
+The prompts are the very ones Stage II generates and trains with. Rows of user JSONL files
+(``stage1_files``: ``prompt``/``instruction`` [+ ``input``] -> ``response``/``output``) are
+added. With neither, Stage I is skipped with a notice.
+
+Stage II (self-training, one round), with the Stage-I model:
 
 1. answer extraction: for each unlabeled domain document, the model lists candidate answers;
    candidates that do not occur in the document are discarded;
@@ -13,11 +25,17 @@ Stage II (self-training, one round), with the current model:
    claim verification (a true claim, and a false one made by swapping in another candidate);
 3. round-trip filter: retrieve the top-k documents for the generated question from the domain
    index and keep the pair only if the answer appears in one of them;
-4. fine-tune on the kept pairs (mixed with the Stage-I data), answer-only loss.
+4. fine-tune on (generated question, retrieved documents, answer): the user turn is
+   ``documents_prompt(question, the top-k retrieved documents, each cut to max_doc_tokens, in
+   retrieval order)``, mixed with the Stage-I data, answer-only loss. A run that keeps fewer
+   than ``min_kept_pairs`` pairs says so on the console and in metrics.jsonl.
+
+``iterations_done`` is 1 after Stage I and 2 after Stage II.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import random
 import re
@@ -28,28 +46,38 @@ from typing import Literal
 from kembed.config import Strict
 from kembed.errors import DataError
 from kembed.methods.common import chat_answer_ids, fit_lm
-from kembed.prompts import cut_tokens
+from kembed.prompts import cut_tokens, documents_prompt
+from kembed.records import QARecord
 
 NAME = "simrag"
 DESCRIPTION = "SimRAG: self-generated QA pairs from domain documents, round-trip retrieval filter, then SFT"
 QUESTION_TYPES = ("short_answer", "multiple_choice", "claim_verification")
+STAGE1_TASKS = ("context_qa", "answer_extraction", "question_generation")
 
 
 class Config(Strict):
     """The ``simrag:`` recipe section.
 
     Attributes:
-        stage1_files: JSONL files of general instruction / context-QA data for Stage I.
+        stage1_records: build Stage I from the run's training records (context QA, answer
+            extraction, question generation).
+        stage1_max_examples: a seeded sample of at most this many record-built Stage-I
+            examples (null: all).
+        stage1_files: JSONL files of general instruction / context-QA data, added to Stage I.
         documents: unlabeled domain documents used in Stage II (a seeded sample; null: all).
         answers_per_document: candidate answers kept per document.
         question_types: which of short_answer, multiple_choice, claim_verification to write.
-        filter_top_k: k of the round-trip filter (not public in the paper; recorded).
+        filter_top_k: k of the round-trip filter, and the documents in a Stage-II training
+            prompt (not public in the paper; recorded).
         index: the domain index kind the filter retrieves with.
-        max_doc_tokens: each document is cut to this many tokens in the generation prompts.
+        max_doc_tokens: each document or snippet is cut to this many tokens in every prompt.
+        min_kept_pairs: fewer kept Stage-II pairs than this is reported as a warning.
         max_new_tokens, generation_batch_size: generation settings.
         epochs: passes over the fine-tuning data per stage (paper: 1).
     """
 
+    stage1_records: bool = True
+    stage1_max_examples: int | None = None
     stage1_files: list[str] = []
     documents: int | None = 60
     answers_per_document: int = 2
@@ -57,21 +85,32 @@ class Config(Strict):
     filter_top_k: int = 3
     index: Literal["bm25", "dense", "hybrid"] = "bm25"
     max_doc_tokens: int = 160  # 0: no cut
+    min_kept_pairs: int = 50
     max_new_tokens: int = 40
     generation_batch_size: int = 8
     epochs: float = 1
 
 
 def extraction_prompt(document: str, n: int) -> str:
+    """The answer-extraction request (Stage II step 1, and its Stage-I training prompt)."""
     return (f"Document: {document}\n\nList {n} short answers (names, dates, numbers or terms) found in the "
             f"document, one per line.")
 
 
 def question_prompt(document: str, answer: str, qtype: str) -> str:
+    """The question-generation request of type ``qtype`` (Stage II step 2; Stage I trains the
+    ``short_answer`` one)."""
     if qtype == "claim_verification":
         return f"Document: {document}\n\nWrite one true sentence about \"{answer}\" stated in the document."
     kind = "multiple-choice question" if qtype == "multiple_choice" else "question"
     return f"Document: {document}\n\nWrite one {kind} whose answer is \"{answer}\". Reply with the question only."
+
+
+def find_span(text: str, phrase: str) -> str | None:
+    """``phrase`` as it occurs in ``text`` (case-insensitive, whole words), in ``text``'s
+    casing; None when it does not occur."""
+    match = re.search(rf"(?<!\w){re.escape(phrase)}(?!\w)", text, flags=re.IGNORECASE) if phrase else None
+    return match.group(0) if match else None
 
 
 def parse_candidates(reply: str, document: str, n: int) -> list[str]:
@@ -82,8 +121,7 @@ def parse_candidates(reply: str, document: str, n: int) -> list[str]:
     for line in re.split(r"[\n;]", reply):
         cand = re.sub(r"^\s*(?:[-*\u2022]|\d+[.)])\s*", "", line).strip().strip(".,:\"'")
         key = cand.lower()
-        occurs = re.search(rf"(?<!\w){re.escape(cand)}(?!\w)", document, flags=re.IGNORECASE)
-        if 0 < len(cand) <= 60 and key not in seen and occurs:
+        if 0 < len(cand) <= 60 and key not in seen and find_span(document, cand):
             found.append(cand)
             seen.add(key)
         if len(found) == n:
@@ -91,8 +129,37 @@ def parse_candidates(reply: str, document: str, n: int) -> list[str]:
     return found
 
 
+def stage1_examples(records: list[QARecord], cfg: Config, truncate=lambda d: d) -> list[dict]:
+    """Stage-I examples built from training records (see the module docstring).
+
+    Args:
+        truncate: cuts a snippet (``cut_tokens`` to ``max_doc_tokens`` in a run); the answer
+            is looked for in the cut snippet.
+
+    Returns:
+        Dicts ``{"task", "id", "prompt", "target"}``, record by record: one ``context_qa``
+        per record with snippets, then ``answer_extraction`` and ``question_generation`` per
+        snippet that contains the gold answer.
+    """
+    examples = []
+    for record in records:
+        snippets = [truncate(s) for s in record.knowledge]
+        if snippets:
+            examples.append({"task": "context_qa", "id": record.id,
+                             "prompt": documents_prompt(record.question, snippets), "target": record.answer})
+        for snippet in snippets:
+            span = find_span(snippet, record.answer)
+            if span is None:
+                continue
+            examples.append({"task": "answer_extraction", "id": record.id,
+                             "prompt": extraction_prompt(snippet, cfg.answers_per_document), "target": span})
+            examples.append({"task": "question_generation", "id": record.id,
+                             "prompt": question_prompt(snippet, span, "short_answer"), "target": record.question})
+    return examples
+
+
 def training_pair(qtype: str, generated: str, answer: str, other: list[str], rng: random.Random) -> list[dict]:
-    """The (user prompt, target) pairs a generated question gives: one for short answer and
+    """The (question prompt, target) pairs a generated question gives: one for short answer and
     multiple choice, a true and (when the answer can be swapped out) a false one for claims."""
     if qtype == "short_answer":
         return [{"prompt": generated, "target": answer}]
@@ -110,7 +177,7 @@ def training_pair(qtype: str, generated: str, answer: str, other: list[str], rng
 
 def round_trip(index, question: str, answer: str, k: int) -> tuple[bool, list[int]]:
     """Keep a pair iff ``answer`` occurs (case-insensitive) in one of the top-``k`` documents
-    retrieved for ``question``. Returns (kept, retrieved document indices)."""
+    retrieved for ``question``. Returns (kept, retrieved document indices, best first)."""
     hits = index.search(question, k) if question.strip() else []
     return any(answer.lower() in text.lower() for _, _, text in hits), [i for i, _, _ in hits]
 
@@ -145,12 +212,19 @@ def load_stage1(files: list[str]) -> list[dict]:
     return rows
 
 
-def generate_pairs(generator, index, documents: list[str], cfg: Config, rng: random.Random, progress=None) -> list[dict]:
+def generate_pairs(generator, index, documents: list[str], cfg: Config, rng: random.Random, progress=None,
+                   truncate=lambda d: d) -> list[dict]:
     """Stage II steps 1-3: extract answers, write questions, apply the round-trip filter.
 
+    Args:
+        truncate: cuts a retrieved document for the training prompt (``max_doc_tokens``).
+
     Returns:
-        One dict per generated pair: type, document index, answer, question (as generated),
-        prompt/target for training, kept (the filter's verdict) and the retrieved indices.
+        One dict per generated pair: type, document (index into ``documents``), answer,
+        question (as generated), prompt (the question text: options or "True or false?"
+        included) and target, kept (the filter's verdict), retrieved (indices into
+        ``index.documents``, best first) and training_prompt: ``documents_prompt(prompt, the
+        retrieved documents, cut)``, the user turn Stage II trains on.
     """
     replies = generator.generate([extraction_prompt(d, cfg.answers_per_document) for d in documents], progress)
     answers = [(i, a) for i, (d, r) in enumerate(zip(documents, replies))
@@ -162,64 +236,98 @@ def generate_pairs(generator, index, documents: list[str], cfg: Config, rng: ran
         question = question.strip().splitlines()[0].strip() if question.strip() else ""
         other = [a for j, a in answers if j != i and a.lower() != answer.lower()]
         kept, retrieved = round_trip(index, question, answer, cfg.filter_top_k)
+        context = [truncate(index.documents[j]) for j in retrieved]
         for pair in training_pair(qtype, question, answer, other, rng) if question else []:
             pairs.append({"type": qtype, "document": i, "answer": answer, "question": question, **pair,
-                          "kept": kept, "retrieved": retrieved})
+                          "kept": kept, "retrieved": retrieved,
+                          "training_prompt": documents_prompt(pair["prompt"], context)})
     return pairs
 
 
-def _finetune(ctx, pairs: list[dict], label: str) -> None:
+def stage1_data(records: list[QARecord], cfg: Config, seed: int, truncate=lambda d: d) -> list[dict]:
+    """The Stage-I training data: the record-built examples (:func:`stage1_examples`, when
+    ``stage1_records``; a seeded sample of ``stage1_max_examples`` in their order when there are
+    more), then the rows of ``stage1_files`` (task ``file``)."""
+    built = stage1_examples(records, cfg, truncate) if cfg.stage1_records else []
+    if cfg.stage1_max_examples is not None and len(built) > cfg.stage1_max_examples:
+        built = [built[i] for i in sorted(random.Random(seed).sample(range(len(built)), cfg.stage1_max_examples))]
+    return built + [{"task": "file", **row} for row in load_stage1(cfg.stage1_files)]
+
+
+def _finetune(ctx, rows: list[dict], label: str) -> None:
     examples = []
-    for pair in pairs:
-        ids, mask = chat_answer_ids(ctx.tokenizer, pair["prompt"], pair["target"])
+    for row in rows:
+        ids, mask = chat_answer_ids(ctx.tokenizer, row["prompt"], row["target"])
         examples.append({"input_ids": ids, "loss_mask": mask})
     fit_lm(ctx, examples, ctx.method_config.epochs, label)
 
 
 def train(ctx) -> None:
-    """Stage I (when configured), then Stage II; generated and kept pairs are saved as
-    ``simrag_generated.jsonl`` and ``simrag_kept.jsonl``; keep rates go to metrics.jsonl."""
+    """Stage I (when it has data), then Stage II on the Stage-I model. Saved in the run:
+    ``simrag_stage1.jsonl``, ``simrag_generated.jsonl`` and ``simrag_kept.jsonl``; counts,
+    keep rates and a low-yield warning go to metrics.jsonl."""
     from kembed.generation import LocalGenerator
     from kembed.retrieval import build_index, domain_documents
     from kembed.runs import write_jsonl
 
     cfg: Config = ctx.method_config
+    cut = functools.lru_cache(maxsize=None)(lambda text: cut_tokens(ctx.tokenizer, text, cfg.max_doc_tokens))
     done = ctx.run.state.get("iterations_done", 0)
-    stage1 = load_stage1(cfg.stage1_files)
+    stage1 = stage1_data(ctx.records, cfg, ctx.config.seed, cut)
     if done < 1:
         if stage1:
+            found = Counter(e["task"] for e in stage1)
+            counts = {t: found[t] for t in (*STAGE1_TASKS, "file")}
+            write_jsonl(ctx.run.path / "simrag_stage1.jsonl", stage1)
+            ctx.run.log("simrag_stage1", examples=len(stage1), per_task=counts, records=len(ctx.records))
+            ctx.console.print(f"SimRAG Stage I: {len(stage1)} examples from {len(ctx.records)} training records and "
+                              f"{len(cfg.stage1_files)} files: " + ", ".join(f"{t} {n}" for t, n in counts.items()))
             _finetune(ctx, stage1, "stage I")
             ctx.finish_iteration(1)
         else:
-            ctx.run.log("notice", message="SimRAG Stage I skipped: no stage1_files in the recipe")
-            ctx.console.print("[yellow]SimRAG Stage I skipped[/]: the recipe names no general instruction / "
-                              "context-QA files (simrag.stage1_files)")
+            ctx.run.log("notice", message="SimRAG Stage I skipped: no Stage-I data")
+            ctx.console.print("[yellow]SimRAG Stage I skipped[/]: no Stage-I data (simrag.stage1_records is off "
+                              "or the records have no snippets, and no simrag.stage1_files)")
     if done >= 2:
         return
     rng = random.Random(ctx.config.seed)
     documents = domain_documents(ctx.config.domain, ctx.config.data_dir)
     index = build_index(ctx.config.domain, cfg.index, ctx.config.data_dir)
+    chosen = list(range(len(documents)))
     if cfg.documents is not None and cfg.documents < len(documents):
-        documents = [documents[i] for i in sorted(rng.sample(range(len(documents)), cfg.documents))]
+        chosen = sorted(rng.sample(chosen, cfg.documents))
 
     generator = LocalGenerator(ctx.model, ctx.tokenizer, ctx.placement, max_new_tokens=cfg.max_new_tokens,
                                batch_size=cfg.generation_batch_size, name="policy")
-    with ctx.task("SimRAG: generating", len(documents) * (1 + cfg.answers_per_document * len(cfg.question_types))) as adv:
-        cut = [cut_tokens(ctx.tokenizer, d, cfg.max_doc_tokens) for d in documents]
-        pairs = generate_pairs(generator, index, cut, cfg, rng, progress=adv)
+    with ctx.task("SimRAG: generating", len(chosen) * (1 + cfg.answers_per_document * len(cfg.question_types))) as adv:
+        pairs = generate_pairs(generator, index, [cut(documents[i]) for i in chosen], cfg, rng, adv, cut)
+    for pair in pairs:  # an index into the domain documents, like "retrieved"
+        pair["document"] = chosen[pair["document"]]
     kept = [p for p in pairs if p["kept"]]
     write_jsonl(ctx.run.path / "simrag_generated.jsonl", pairs)
     write_jsonl(ctx.run.path / "simrag_kept.jsonl", kept)
     total, good = Counter(p["type"] for p in pairs), Counter(p["type"] for p in kept)
     rates = {t: {"generated": total[t], "kept": good[t], "keep_rate": good[t] / total[t] if total[t] else None}
              for t in cfg.question_types}
-    ctx.run.log("simrag_filter", documents=len(documents), filter_top_k=cfg.filter_top_k, index=cfg.index,
-                generated=len(pairs), kept=len(kept), per_type=rates)
-    ctx.console.print(f"SimRAG: {len(pairs)} pairs generated from {len(documents)} documents, {len(kept)} kept by "
+    low = len(kept) < cfg.min_kept_pairs
+    ctx.run.log("simrag_filter", documents=len(chosen), filter_top_k=cfg.filter_top_k, index=cfg.index,
+                generated=len(pairs), kept=len(kept), per_type=rates, min_kept_pairs=cfg.min_kept_pairs,
+                below_min_kept=low)
+    ctx.console.print(f"SimRAG: {len(pairs)} pairs generated from {len(chosen)} documents, {len(kept)} kept by "
                       f"the round-trip filter (top-{cfg.filter_top_k}): "
                       + ", ".join(f"{t} {v['kept']}/{v['generated']}" for t, v in rates.items()))
-    if kept or stage1:
-        _finetune(ctx, kept + stage1, "stage II")
+    if low:
+        message = (f"SimRAG kept only {len(kept)} of {len(pairs)} generated pairs, fewer than min_kept_pairs = "
+                   f"{cfg.min_kept_pairs}: Stage II learns little from them. Raise simrag.documents (now "
+                   f"{len(chosen)}) or simrag.answers_per_document (now {cfg.answers_per_document}), raise "
+                   f"simrag.filter_top_k (now {cfg.filter_top_k}), use a stronger model, or lower "
+                   f"simrag.min_kept_pairs to accept this yield.")
+        ctx.run.log("warning", message=message, kept=len(kept), min_kept_pairs=cfg.min_kept_pairs)
+        ctx.console.print(f"[bold red]WARNING: {message}[/]")
+    rows = [{"prompt": p["training_prompt"], "target": p["target"]} for p in kept] + stage1
+    if rows:
+        _finetune(ctx, rows, "stage II")
     else:
-        ctx.console.print("[yellow]SimRAG: no pair survived the filter; the model is left as it was[/]")
+        ctx.console.print("[yellow]SimRAG: no pair survived the filter and there is no Stage-I data; the model "
+                          "is left as it was[/]")
     ctx.finish_iteration(2)
