@@ -89,32 +89,35 @@ def score_records(scorer: OptionScorer, records: list[QARecord], mode: str = "cl
         if missing:
             raise ValueError(f"no retrieved documents for {len(missing)} records (first: {missing[0]})")
     samples = []
-    for record in records:
-        hits = None
-        if mode == "oracle-context":
-            knowledge = scorer.knowledge(record)
-        elif mode == "retrieved-context":
-            docs = retrieved[record.id]
-            hits = None if any(isinstance(d, str) for d in docs) else docs
-            texts = tuple(d if isinstance(d, str) else d[2] for d in docs)
-            # nothing retrieved (a BM25 index with no matching word): the closed-book prompt
-            knowledge = truncate_knowledge(texts, scorer.tokenizer, scorer.prompts.knowledge_max_tokens) or None
-        else:
-            knowledge = None
-        result = scorer.score(record, knowledge)
-        predicted = {s: result.predict(s) for s in SCORERS}
-        samples.append({
-            "id": record.id,
-            "gold": record.answer_index,
-            "predicted": predicted,
-            "correct": {s: predicted[s] == record.answer_index for s in SCORERS},
-            "scores": {s: [round(v, 6) for v in result.scores(s)] for s in SCORERS},
-            "n_tokens": result.n_tokens,
-        })
-        if hits is not None:
-            samples[-1]["retrieved"] = [[int(h[0]), round(float(h[1]), 6)] for h in hits]
-        if progress is not None:
-            progress()
+    # One autocast region around every record: under bf16 autocast the bf16 copies of the
+    # weights are cast once and cached for the region, instead of at every forward pass.
+    with scorer.placement.autocast():
+        for record in records:
+            hits = None
+            if mode == "oracle-context":
+                knowledge = scorer.knowledge(record)
+            elif mode == "retrieved-context":
+                docs = retrieved[record.id]
+                hits = None if any(isinstance(d, str) for d in docs) else docs
+                texts = tuple(d if isinstance(d, str) else d[2] for d in docs)
+                # nothing retrieved (a BM25 index with no matching word): the closed-book prompt
+                knowledge = truncate_knowledge(texts, scorer.tokenizer, scorer.prompts.knowledge_max_tokens) or None
+            else:
+                knowledge = None
+            result = scorer.score(record, knowledge)
+            predicted = {s: result.predict(s) for s in SCORERS}
+            samples.append({
+                "id": record.id,
+                "gold": record.answer_index,
+                "predicted": predicted,
+                "correct": {s: predicted[s] == record.answer_index for s in SCORERS},
+                "scores": {s: [round(v, 6) for v in result.scores(s)] for s in SCORERS},
+                "n_tokens": result.n_tokens,
+            })
+            if hits is not None:
+                samples[-1]["retrieved"] = [[int(h[0]), round(float(h[1]), 6)] for h in hits]
+            if progress is not None:
+                progress()
     return samples
 
 

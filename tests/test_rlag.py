@@ -201,6 +201,8 @@ def test_answer_span_changes_the_loss(tiny_model, tiny_tokenizer):
 class FixedScorer:
     """Augmented scores prefer option 0, naive scores prefer option 1."""
 
+    placement = Placement("cpu", "fp32")
+
     def knowledge(self, record):
         return record.knowledge
 

@@ -331,26 +331,27 @@ def sample_pairs(scorer, records: list[QARecord], cfg: Config, progress=None) ->
     """
     pairs = []
     counts = {"records": len(records), "chosen_correct": 0, "rejected_correct": 0, "chosen_failure": 0, "same": 0}
-    for record in records:
-        knowledge = scorer.knowledge(record) or None  # no snippets: the "augmented" prompt is the naive one
-        augmented = scorer.score(record, knowledge)
-        naive = scorer.score(record, None)
-        chosen = record.answer_index if cfg.chosen_is_gold else augmented.predict("token_mean")
-        rejected = naive.predict("token_mean")
-        same = chosen == rejected
-        beta_D, beta_A = cfg.betas(same) if knowledge else (0.0, 0.0)  # no knowledge: a constant loss
-        counts["chosen_correct"] += chosen == record.answer_index
-        counts["rejected_correct"] += rejected == record.answer_index
-        counts["chosen_failure"] += chosen != record.answer_index and rejected == record.answer_index
-        counts["same"] += same
-        pairs.append({"id": record.id, "chosen_index": chosen, "rejected_index": rejected,
-                      "gold_index": record.answer_index, "same": same, "beta_D": beta_D, "beta_A": beta_A,
-                      "chosen": record.options[chosen], "rejected": record.options[rejected],
-                      "augmented_scores": [round(v, 5) for v in augmented.scores("token_mean")],
-                      "naive_scores": [round(v, 5) for v in naive.scores("token_mean")],
-                      "knowledge": list(knowledge or ())})
-        if progress is not None:
-            progress()
+    with scorer.placement.autocast():  # one region: the bf16 weight copies are cast once, not per call
+        for record in records:
+            knowledge = scorer.knowledge(record) or None  # no snippets: the "augmented" prompt is the naive one
+            augmented = scorer.score(record, knowledge)
+            naive = scorer.score(record, None)
+            chosen = record.answer_index if cfg.chosen_is_gold else augmented.predict("token_mean")
+            rejected = naive.predict("token_mean")
+            same = chosen == rejected
+            beta_D, beta_A = cfg.betas(same) if knowledge else (0.0, 0.0)  # no knowledge: a constant loss
+            counts["chosen_correct"] += chosen == record.answer_index
+            counts["rejected_correct"] += rejected == record.answer_index
+            counts["chosen_failure"] += chosen != record.answer_index and rejected == record.answer_index
+            counts["same"] += same
+            pairs.append({"id": record.id, "chosen_index": chosen, "rejected_index": rejected,
+                          "gold_index": record.answer_index, "same": same, "beta_D": beta_D, "beta_A": beta_A,
+                          "chosen": record.options[chosen], "rejected": record.options[rejected],
+                          "augmented_scores": [round(v, 5) for v in augmented.scores("token_mean")],
+                          "naive_scores": [round(v, 5) for v in naive.scores("token_mean")],
+                          "knowledge": list(knowledge or ())})
+            if progress is not None:
+                progress()
     return pairs, counts
 
 
