@@ -5,7 +5,7 @@ train records (a subset of the recipe's sample: samples are nested) and scored a
 iteration on the held-out validation records (closed-book, raw, as ``kembed eval`` scores). Runs
 that finished are reused, interrupted ones resumed, so the sweep can be re-run to completion.
 
-    python benchmarks/rlag_sweep.py --out runs/rlag-sweep [--limit 120] [--table benchmarks/results/rlag-sweep.md]
+    python benchmarks/rlag_sweep.py --out runs/rlag-sweep [--limit 30] [--table benchmarks/results/rlag-sweep.md]
 """
 
 from __future__ import annotations
@@ -47,7 +47,7 @@ def row(name: str, run: Path) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path("runs/rlag-sweep"))
-    parser.add_argument("--limit", type=int, default=120)
+    parser.add_argument("--limit", type=int, default=30)
     parser.add_argument("--table", type=Path, default=Path("benchmarks/results/rlag-sweep.md"))
     args = parser.parse_args()
     rows = []
