@@ -141,9 +141,10 @@ def evaluate(domain: str = typer.Option(..., help="Domain to evaluate on."),
 
 @app.command()
 @handle_errors
-def results(paths: list[Path] = typer.Argument(..., help="results.json files or directories holding one.")):
+def results(paths: list[Path] = typer.Argument(..., help="results.json files or directories holding one."),
+            markdown: bool = typer.Option(False, "--markdown", help="Print a Markdown table.")):
     """Show saved evaluation results side by side."""
-    from kembed.evaluate import results_table
+    from kembed.evaluate import results_markdown, results_table
 
     rows = []
     for p in paths:
@@ -154,7 +155,10 @@ def results(paths: list[Path] = typer.Argument(..., help="results.json files or 
             rows.append(json.loads(f.read_text()))
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise KembedError(f"{f}: not a kembed results file ({e})") from None
-    console.print(results_table(rows))
+    if markdown:
+        print(results_markdown(rows))
+    else:
+        console.print(results_table(rows))
 
 
 @app.command("ls")

@@ -196,42 +196,58 @@ def _model_label(model: str) -> str:
     return path.name if path.name and (path / "kembed-run.json").exists() else model
 
 
-def results_table(rows: list[dict], title: str = "Accuracy"):
-    """A rich table with one row per results summary: accuracy and 95% CI per scorer (%).
+def results_cells(rows: list[dict]) -> tuple[str, list[str], list[list[str]]]:
+    """The cells of a results table: ``(title suffix, header, one list of cells per summary)``.
 
-    Domain and split go in the title when all rows share them. The last column is the
-    knowledge coverage of a trained run's questions (``coverage`` in the summary): questions whose
-    gold answer occurs in snippets the run trained on / questions whose answer is in their own
-    snippets; ``-`` for a model that is not a kembed run. Then what the run trained on
-    (``trained_on``, :func:`run_training`). The mode column reads e.g.
-    ``retrieved-context (bm25, k=3)``; when any row is not in the raw format every row also
-    names its format (``closed-book, chat``, ``closed-book, raw``); a summary without
-    ``format`` (written before formats existed) is raw."""
-    from rich.table import Table
-
+    Columns: model, domain and split when the rows differ in them (else they form the title
+    suffix ``domain / split``), mode, n, accuracy and 95% CI per scorer (%), the knowledge
+    coverage of a trained run's questions (``coverage`` in the summary: questions whose gold
+    answer occurs in snippets the run trained on / questions whose answer is in their own
+    snippets; ``-`` for a model that is not a kembed run), and what the run trained on
+    (``trained_on``, :func:`run_training`). The mode reads e.g. ``retrieved-context (bm25,
+    k=3)``; when any row is not in the raw format every row also names its format
+    (``closed-book, raw``); a summary without ``format`` (written before formats existed) is raw.
+    """
     shared = {k: {str(r.get(k)) for r in rows} for k in ("domain", "split")}
     per_row = [k for k, values in shared.items() if len(values) > 1]
-    if not per_row and rows:
-        title = f"{title}: {rows[0].get('domain')} / {rows[0].get('split')}"
-    table = Table(title=title)
-    for col in ("model", *per_row, "mode", "n"):
-        table.add_column(col, overflow="fold")
-    for s in SCORERS:
-        table.add_column(f"{s} % [95% CI]", justify="right")
-    table.add_column("answer in training knowledge", justify="right")
-    table.add_column("trained on", overflow="fold")
+    suffix = f"{rows[0].get('domain')} / {rows[0].get('split')}" if rows and not per_row else ""
+    header = ["model", *per_row, "mode", "n", *(f"{s} % [95% CI]" for s in SCORERS),
+              "answer in training knowledge", "trained on"]
     show_format = any((r.get("format") or "raw") != "raw" for r in rows)
+    body = []
     for r in rows:
-        cells = [f"{100 * r['accuracy'][s]:.1f} [{100 * r['ci95'][s][0]:.1f}-{100 * r['ci95'][s][1]:.1f}]"
-                 for s in SCORERS]
+        accuracy = [f"{100 * r['accuracy'][s]:.1f} [{100 * r['ci95'][s][0]:.1f}, {100 * r['ci95'][s][1]:.1f}]"
+                    for s in SCORERS]
         mode = str(r.get("mode")) + (f" ({r['index']}, k={r['top_k']})" if r.get("index") else "")
         if show_format:
             mode += f", {r.get('format') or 'raw'}"
         c = r.get("coverage")
         covered = f"{c['answer_covered']}/{c['answer_in_snippets']}" if c else "-"
-        table.add_row(_model_label(str(r.get("model"))), *[str(r.get(k)) for k in per_row], mode, str(r["n"]),
-                      *cells, covered, r.get("trained_on") or "-")
+        body.append([_model_label(str(r.get("model"))), *[str(r.get(k)) for k in per_row], mode, str(r["n"]),
+                     *accuracy, covered, r.get("trained_on") or "-"])
+    return suffix, header, body
+
+
+def results_table(rows: list[dict], title: str = "Accuracy"):
+    """A rich table of results summaries, one row each (columns: :func:`results_cells`)."""
+    from rich.table import Table
+
+    suffix, header, body = results_cells(rows)
+    table = Table(title=f"{title}: {suffix}" if suffix else title)
+    for col in header:
+        table.add_column(col, overflow="fold", justify="right" if "%" in col or col == "n" else "left")
+    for cells in body:
+        table.add_row(*cells)
     return table
+
+
+def results_markdown(rows: list[dict]) -> str:
+    """The same table as :func:`results_table` as GitHub-flavoured Markdown."""
+    suffix, header, body = results_cells(rows)
+    lines = [f"Accuracy: {suffix}", ""] if suffix else []
+    lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(cells) + " |" for cells in body]
+    return "\n".join(lines)
 
 
 def run_coverage(model: str, records: list[QARecord], data_dir=None) -> dict | None:

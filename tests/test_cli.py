@@ -88,9 +88,13 @@ def test_train_rlag_writes_a_complete_run(data_dir, tiny_model_dir, tmp_path):
     from transformers import AutoModelForCausalLM  # the model loads without kembed
 
     AutoModelForCausalLM.from_pretrained(out / "model")
-    # the trained run is a model argument for eval
+    # the trained run is a model argument for eval; its results carry coverage and what it trained on
     result = invoke("eval", "--domain", "current-events", "--model", out, "--output", tmp_path / "ev", "--limit", 2)
     assert result.exit_code == 0, result.output
+    summary = json.loads((tmp_path / "ev" / "results.json").read_text())
+    assert summary["coverage"]["questions"] == 2 and summary["trained_on"].startswith("rlag: 4 records")
+    table = invoke("results", "--markdown", tmp_path / "ev").output
+    assert "| rlag: 4 records (seed 42) |" in table and table.count("\n|") >= 2
 
 
 def test_interrupted_run_resumes_to_the_same_weights(data_dir, tiny_model_dir, tmp_path, monkeypatch):
