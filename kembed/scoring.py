@@ -119,7 +119,7 @@ def chat_user_turn(prompts: PromptFormat, record: QARecord, knowledge: tuple[str
     when ``knowledge`` is None (closed-book), else :func:`kembed.prompts.documents_prompt` of
     the question and the (already truncated) knowledge snippets or retrieved documents."""
     if knowledge is None:
-        return prompts.chat_closed_book.format(question=record.question)
+        return prompts.chat_prompt(record, None)
     return documents_prompt(record.question, knowledge)
 
 
