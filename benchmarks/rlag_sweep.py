@@ -22,7 +22,6 @@ CONFIGS = {  # name -> overrides of recipes/rlag.yaml
     "answer_span=answer": ["rlag.answer_span=answer"],
     "lr 2e-5": ["train.learning_rate=2e-5"],
     "T=2": ["rlag.passes=2"],
-    "prompts: reference preset": ["prompts.preset=reference"],
 }
 
 
