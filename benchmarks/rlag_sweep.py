@@ -40,7 +40,7 @@ def row(name: str, run: Path) -> dict:
     return {"config": name, "before": accuracy[0]["dev_accuracy"]["token_mean"],
             "per_iteration": [e["dev_accuracy"]["token_mean"] for e in accuracy[1:]],
             "final": last["dev_accuracy"]["token_mean"], "ci95": last["dev_ci95"]["token_mean"],
-            "seconds": next(e["seconds"] for e in events if e["event"] == "end")}
+            "seconds": sum(e["seconds"] for e in events if e["event"] == "end")}  # resumed runs: every session
 
 
 def main() -> None:
@@ -61,7 +61,8 @@ def main() -> None:
              f"Command: `python benchmarks/rlag_sweep.py --out {args.out} --limit {args.limit}` "
              f"({date.today()}). Closed-book raw token_mean accuracy on the 100 held-out validation "
              f"records (seed 42) before training, after each iteration, and at the end with its 95% "
-             f"bootstrap CI; training seconds include the validation evaluations.", "",
+             f"bootstrap CI. Training seconds are wall time, validation evaluations included, and depend "
+             f"on what else ran on the machine.", "",
              "| config | before % | per iteration % | final % [95% CI] | training s |", "|---|---|---|---|---|"]
     for r in rows:
         its = " -> ".join(f"{100 * a:.1f}" for a in r["per_iteration"])
