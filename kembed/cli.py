@@ -204,11 +204,17 @@ def data_validate(domain: str = typer.Option(..., help="Domain to check."),
 @handle_errors
 def data_coverage(domain: str = typer.Option(..., help="Domain to check."),
                   limit: Optional[int] = typer.Option(None, help="Training records (a seeded sample; default: all)."),
-                  seed: int = typer.Option(42, help="Seed of the sample (a run's `seed`)."),
-                  validation: int = typer.Option(100, help="Train records held out as the validation split."),
+                  seed: Optional[int] = typer.Option(None, help="Seed of the sample (default: a recipe's default seed)."),
+                  validation: Optional[int] = typer.Option(None, help="Train records held out as the validation split "
+                                                                      "(default: a recipe's default)."),
                   data_dir: Optional[str] = DataDir):
     """How many held-out questions have their knowledge snippets (and gold answer) in the training records."""
-    from kembed.data import held_out_splits, knowledge_coverage, load_records, training_sample, coverage_table
+    from kembed.config import RunConfig
+    from kembed.data import coverage_table, held_out_splits, knowledge_coverage, load_records, training_sample
+
+    defaults = RunConfig.model_fields
+    seed = defaults["seed"].default if seed is None else seed
+    validation = defaults["validation"].default if validation is None else validation
 
     sample = training_sample(load_records(domain, "train", data_dir), limit=limit, validation=validation, seed=seed)
     coverage = {split: knowledge_coverage(sample.train, records)

@@ -360,18 +360,17 @@ class TrainingSample:
         train: the training records, in file order.
         validation: the held-out validation records (split ``"validation"``), in file order;
             no method ever trains on them.
-        seed, limit, validation_size: what drew them (see :func:`training_sample`).
+        seed, limit: what drew them (see :func:`training_sample`).
     """
 
     train: list[QARecord]
     validation: list[QARecord]
     seed: int
     limit: int | None
-    validation_size: int
 
     def to_dict(self) -> dict:
         """What a run directory saves (``data_sample.json``): the settings and the record ids."""
-        return {"seed": self.seed, "limit": self.limit, "validation_size": self.validation_size,
+        return {"seed": self.seed, "limit": self.limit,
                 "train_ids": [r.id for r in self.train], "validation_ids": [r.id for r in self.validation]}
 
 
@@ -405,7 +404,7 @@ def training_sample(records: list[QARecord], *, limit: int | None, validation: i
     held, rest = order[:validation], order[validation:]
     chosen = rest if limit is None else rest[:limit]
     held_out = [dataclasses.replace(records[i], split=VALIDATION_SPLIT) for i in sorted(held)]
-    return TrainingSample([records[i] for i in sorted(chosen)], held_out, seed, limit, validation)
+    return TrainingSample([records[i] for i in sorted(chosen)], held_out, seed, limit)
 
 
 def knowledge_coverage(train: list[QARecord], questions: list[QARecord]) -> dict:
