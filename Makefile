@@ -31,12 +31,10 @@ main: setup
 test: setup
 	$(BIN)/python -m pytest -q
 
-# Base-model closed-book accuracy on every domain, and the scorer speed benchmark.
+# The quick benchmark suite (benchmarks/quick.yaml): every method trained, scored both ways, its
+# explanations judged; resumable; writes benchmarks/results/quick/ (results.md, results.json, plots).
 bench: setup
-	for d in medical legal astronomy current-events; do \
-	  $(BIN)/kembed eval --domain $$d --output $(RUN)/base-$$d || exit 1; done
-	$(BIN)/kembed results $(RUN)/base-*
-	$(BIN)/python benchmarks/scorer_speed.py
+	$(BIN)/kembed bench quick
 
 # Every method's CPU recipe on current-events, scored by the same evaluator.
 bench-methods: setup

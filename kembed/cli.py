@@ -21,6 +21,8 @@ data_app = typer.Typer(help="Domain data: fetch, validate and import your own.",
 app.add_typer(data_app, name="data")
 index_app = typer.Typer(help="Retrieval indexes over a domain's knowledge documents.", no_args_is_help=True)
 app.add_typer(index_app, name="index")
+config_app = typer.Typer(help="Recipes: check a recipe with overrides without running it.", no_args_is_help=True)
+app.add_typer(config_app, name="config")
 
 console = Console()
 err_console = Console(stderr=True)
@@ -94,6 +96,8 @@ def evaluate(domain: str = typer.Option(..., help="Domain to evaluate on."),
              device: str = typer.Option("auto", help="auto, cpu or cuda."),
              precision: str = typer.Option("auto", help="auto, bf16 or fp32."),
              overwrite: bool = typer.Option(False, help="Replace results already in --output."),
+             explain: bool = typer.Option(False, "--explain", help="Then explain every correct answer (see `kembed explain`)."),
+             max_new_tokens: int = typer.Option(96, "--max-new-tokens", help="--explain: tokens per explanation."),
              data_dir: Optional[str] = DataDir):
     """Accuracy by option scoring (token_mean, sum, char_norm) with 95% bootstrap CIs."""
     from rich.progress import Progress
@@ -137,6 +141,147 @@ def evaluate(domain: str = typer.Option(..., help="Domain to evaluate on."),
     write_results(out, summary, samples)
     console.print(results_table([summary]))
     console.print(f"{summary['questions_per_second']} questions/s; results in {out}")
+    if explain:
+        _explain(out, max_new_tokens, device, precision, data_dir)
+
+
+def _explain(folder: Path, max_new_tokens: int, device: str, precision: str, data_dir: Optional[str]) -> None:
+    from rich.progress import Progress
+
+    from kembed.explain import explain_evaluation
+
+    with Progress(console=console, transient=True) as progress:
+        task = progress.add_task(f"explaining correct answers ({folder})", total=None)
+
+        def advance(total, n):
+            if total is not None:
+                progress.update(task, total=total)
+            progress.advance(task, n)
+
+        record = explain_evaluation(folder, max_new_tokens=max_new_tokens, device=device, precision=precision,
+                                    data_dir=data_dir, progress=advance)
+    console.print(f"{record['n']} explanations in {folder / 'samples.jsonl'} ({record['seconds']:.0f}s of generation)")
+
+
+@app.command()
+@handle_errors
+def explain(folder: Path = typer.Argument(..., help="A `kembed eval` output directory."),
+            max_new_tokens: int = typer.Option(96, "--max-new-tokens", help="Tokens per explanation."),
+            device: str = typer.Option("auto", help="auto, cpu or cuda."),
+            precision: str = typer.Option("auto", help="auto, bf16 or fp32."),
+            data_dir: Optional[str] = DataDir):
+    """Explain every correctly answered question of an evaluation (greedy, chat template); resumable."""
+    _explain(folder, max_new_tokens, device, precision, data_dir)
+
+
+JudgeModel = typer.Option(None, "--judge-model", help="Language-model judge: a local model (built-in name, HF id or dir).")
+JudgeUrl = typer.Option(None, "--judge-url", help="Language-model judge: an OpenAI-compatible endpoint, e.g. http://host/v1.")
+JudgeName = typer.Option(None, "--judge-name", help="--judge-url: the model name the endpoint serves.")
+JudgeKeyEnv = typer.Option(None, "--judge-key-env", help="--judge-url: environment variable holding the API key.")
+
+
+@app.command()
+@handle_errors
+def judge(folders: list[Path] = typer.Argument(..., help="Evaluation directories with explanations, or folders holding them."),
+          judge_name: str = typer.Option("grounded", "--judge", help="grounded (no language model) or rubric."),
+          judge_model: Optional[str] = JudgeModel, judge_url: Optional[str] = JudgeUrl,
+          judge_served: Optional[str] = JudgeName, judge_key_env: Optional[str] = JudgeKeyEnv,
+          reparse: bool = typer.Option(False, "--reparse", help="rubric: parse the cached raw answers again (no calls)."),
+          allow_self_judge: bool = typer.Option(False, "--allow-self-judge", help="Let a model judge its own family."),
+          data_dir: Optional[str] = DataDir):
+    """Judge saved explanations; judgments are appended to judgments.jsonl (resumable)."""
+    from rich.progress import Progress
+
+    from kembed.judges import evaluation_folders, judge_evaluation, make_judge
+
+    found = evaluation_folders(folders)
+    judge_obj = make_judge(judge_name, judge_model=judge_model, judge_url=judge_url, served_model=judge_served,
+                           key_env=judge_key_env, generators=[f for f in found], allow_self_judge=allow_self_judge)
+    for folder in found:
+        with Progress(console=console, transient=True) as progress:
+            task = progress.add_task(f"judging {folder} ({judge_name})", total=None)
+            summary = judge_evaluation(folder, judge_obj, data_dir=data_dir, reparse=reparse,
+                                       progress=lambda n=1: progress.advance(task, n),
+                                       on_total=lambda t: progress.update(task, total=t))
+        score = "-" if summary["mean_score"] is None else f"{summary['mean_score']:.3f}"
+        console.print(f"{folder}: {judge_name} rationality {score} over {summary['scored']} explanations; "
+                      f"unable to explain {summary['unable']}/{summary['n'] - summary['judge_failed']}; "
+                      f"judge failed {summary['judge_failed']}", highlight=False)
+
+
+@app.command()
+@handle_errors
+def compare(paths: list[Path] = typer.Argument(..., help="Evaluation directories or run directories holding eval-* folders; the first is the reference."),
+            plot: Optional[Path] = typer.Option(None, "--plot", help="Write the accuracy plot (PNG) into this folder."),
+            markdown: bool = typer.Option(False, "--markdown", help="Print Markdown instead of a rich table."),
+            judge_name: Optional[str] = typer.Option(None, "--judge", help="pairwise: a language model compares the "
+                                                                          "explanations of the reference and each other run."),
+            judge_model: Optional[str] = JudgeModel, judge_url: Optional[str] = JudgeUrl,
+            judge_served: Optional[str] = JudgeName, judge_key_env: Optional[str] = JudgeKeyEnv,
+            allow_self_judge: bool = typer.Option(False, "--allow-self-judge", help="Let a model judge its own family."),
+            output: Optional[Path] = typer.Option(None, help="--judge pairwise: where to write pairwise.json "
+                                                             "(default: runs/compare-<time>)."),
+            data_dir: Optional[str] = DataDir):
+    """One table over runs: accuracy, paired differences to the first (McNemar), rationality."""
+    from kembed.bench import compare_entries, markdown_table, plot as plot_rows, rich_table, table_cells
+
+    rows, labels = compare_entries(paths)
+    header, body = table_cells(rows, labels, reference=rows[0]["name"])
+    if markdown:
+        print(markdown_table(header, body))
+    else:
+        console.print(rich_table(header, body, "kembed compare"))
+    if plot:
+        for f in plot_rows(rows, labels, plot):
+            console.print(f"plot: {f}")
+    if judge_name:
+        if judge_name != "pairwise":
+            raise KembedError(f"kembed compare --judge: only 'pairwise' (got '{judge_name}'); use `kembed judge` for others")
+        from kembed.judges import pairwise_table, run_pairwise
+
+        out = output or Path("runs") / f"compare-{datetime.now():%Y%m%d-%H%M%S}"
+        results = run_pairwise(rows, judge_model=judge_model, judge_url=judge_url, served_model=judge_served,
+                               key_env=judge_key_env, allow_self_judge=allow_self_judge, data_dir=data_dir, output=out)
+        console.print(pairwise_table(results))
+        console.print(f"pairwise judgments in {out}")
+
+
+@app.command()
+@handle_errors
+def bench(suite: str = typer.Argument("quick", help="Suite name (benchmarks/<name>.yaml) or file."),
+          out: Optional[Path] = typer.Option(None, help="Runs and evaluations (default: runs/bench/<suite>)."),
+          results_dir: Optional[Path] = typer.Option(None, "--results", help="Tables and plots (default: benchmarks/results/<suite>)."),
+          seeds: Optional[int] = typer.Option(None, help="Train K seeds per method (default: the suite's)."),
+          data_dir: Optional[str] = DataDir):
+    """Train, evaluate, explain and judge every method of a suite; resumable; writes results.md and plots."""
+    from kembed.bench import BENCH_DIR, load_suite, run_suite
+
+    spec = load_suite(suite)
+    report, failures = run_suite(spec, out=out or Path("runs") / "bench" / spec.name,
+                                 results_dir=results_dir or BENCH_DIR / "results" / spec.name, seeds=seeds,
+                                 data_dir=data_dir, console=console)
+    console.print(f"results: {report}")
+    if failures:
+        console.print(f"[red]{len(failures)} step(s) failed or were skipped[/]: see the Failures section of {report}")
+        raise typer.Exit(1)
+
+
+@config_app.command("check")
+@handle_errors
+def config_check(method: str = typer.Argument(..., help="Method name."),
+                 overrides: Optional[list[str]] = typer.Argument(None, help="key=value recipe overrides."),
+                 recipe: Optional[str] = typer.Option(None, help="Recipe file or name (default: recipes/<method>.yaml)."),
+                 domain: Optional[str] = typer.Option(None, help="Domain (default: the recipe's)."),
+                 limit: Optional[int] = typer.Option(None, help="Training records."),
+                 data_dir: Optional[str] = DataDir):
+    """Validate a recipe with overrides and print the resolved config, without running anything."""
+    import yaml
+
+    from kembed.train import prepare_config
+
+    _, _, resolved = prepare_config(method, recipe, overrides or [], domain=domain, limit=limit, data_dir=data_dir)
+    print(yaml.safe_dump(resolved, sort_keys=False).rstrip())
+    err_console.print(f"[green]ok[/]: {method} config is valid")
 
 
 @app.command()

@@ -28,32 +28,9 @@ from pathlib import Path
 from kembed.prompts import truncate_knowledge
 from kembed.records import QARecord
 from kembed.scoring import SCORERS, OptionScorer
+from kembed.stats import bootstrap_ci
 
 MODES = ("closed-book", "oracle-context", "retrieved-context")
-
-
-def bootstrap_ci(correct: list[bool], *, resamples: int = 2000, seed: int = 0, level: float = 0.95) -> list[float]:
-    """Percentile bootstrap confidence interval of a mean accuracy, resampling questions.
-
-    Args:
-        correct: one bool per question.
-        resamples: bootstrap resamples.
-        level: coverage (0.95 gives the 2.5th and 97.5th percentiles).
-
-    Returns:
-        ``[low, high]`` as fractions in [0, 1]; ``[0, 0]`` for no questions.
-    """
-    n = len(correct)
-    if n == 0:
-        return [0.0, 0.0]
-    import numpy as np
-
-    rng = np.random.default_rng(seed)
-    values = np.asarray(correct, dtype=float)
-    means = values[rng.integers(0, n, size=(resamples, n))].mean(axis=1)
-    tail = (1 - level) / 2 * 100
-    low, high = np.percentile(means, [tail, 100 - tail])
-    return [float(low), float(high)]
 
 
 def score_records(scorer: OptionScorer, records: list[QARecord], mode: str = "closed-book",

@@ -1,0 +1,580 @@
+"""Benchmark suites: every method on the same data, model and evaluator, in one command.
+
+``kembed bench SUITE`` reads ``benchmarks/<SUITE>.yaml`` (:class:`Suite`), and for each domain
+scores the base model, then for each method (and seed) trains it (or reuses a finished run
+whose resolved config is identical: run directories are named by a hash of that config),
+evaluates it in every mode the suite lists, generates explanations for its correct
+closed-book answers and judges them. Each step is a ``kembed`` subprocess whose output file
+marks it done, so an interrupted bench resumes where it stopped and never redoes a finished
+step; a failing step is reported, the steps that need it are skipped and the rest go on.
+
+Finally :func:`collect` gathers one row per model (:func:`model_row`) and
+:func:`write_report` writes ``results.json``, ``results.md`` and PNG plots into the suite's
+results folder. :func:`comparison_rows` and the table and plot helpers serve ``kembed compare``
+as well.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import platform
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Callable
+
+import yaml
+from pydantic import ValidationError
+
+from kembed.config import Strict
+from kembed.errors import ConfigError, KembedError
+
+BENCH_DIR = Path(__file__).resolve().parent.parent / "benchmarks"
+SCORER = "token_mean"  # the headline scorer
+
+
+class EvalSpec(Strict):
+    """One evaluation of every model: mode, scoring format and (retrieved-context) index and k;
+    ``explain``: generate and judge explanations of its correct answers."""
+
+    mode: str = "closed-book"
+    format: str = "raw"
+    index: str = "bm25"
+    top_k: int = 3
+    explain: bool = False
+
+    @property
+    def label(self) -> str:
+        """Folder name and column label, e.g. ``closed-book-raw`` or ``retrieved-context-chat``."""
+        return f"{self.mode}-{self.format}"
+
+
+class Suite(Strict):
+    """A benchmark suite (YAML in ``benchmarks/``).
+
+    Attributes:
+        name: the suite's name (its results folder).
+        description: one line for the report.
+        model: the base model (the recipes' model; its row is the reference of every paired test).
+        domains, methods: what to train and score.
+        recipes: method -> recipe name or file (default ``recipes/<method>.yaml``).
+        overrides: method -> ``key=value`` recipe overrides; ``all`` applies to every method.
+        seeds: training seeds (default: each recipe's own seed).
+        split, eval_limit: the evaluated split and, optionally, its first N questions.
+        evals: the evaluations of every model.
+        explain_max_new_tokens: explanation length budget (tokens).
+        judges: judges of the explanations (``grounded``; ``rubric`` needs ``judge_model`` or
+            ``judge_url``).
+        judge_model, judge_url, judge_key_env: the language-model judge.
+    """
+
+    name: str
+    description: str = ""
+    model: str = "smollm2-135m-instruct"
+    domains: list[str]
+    methods: list[str]
+    recipes: dict[str, str] = {}
+    overrides: dict[str, list[str]] = {}
+    seeds: list[int] | None = None
+    split: str = "test"
+    eval_limit: int | None = None
+    evals: list[EvalSpec] = [EvalSpec(explain=True)]
+    explain_max_new_tokens: int = 96
+    judges: list[str] = ["grounded"]
+    judge_model: str | None = None
+    judge_url: str | None = None
+    judge_key_env: str | None = None
+
+
+def load_suite(name: str) -> Suite:
+    """A suite by name (``benchmarks/<name>.yaml``) or path.
+
+    Raises:
+        ConfigError: no such suite, invalid YAML or invalid fields.
+    """
+    path = Path(name)
+    if not path.is_file():
+        path = BENCH_DIR / f"{name}.yaml"
+    if not path.is_file():
+        known = ", ".join(sorted(p.stem for p in BENCH_DIR.glob("*.yaml")))
+        raise ConfigError(f"no benchmark suite '{name}' (known: {known})")
+    try:
+        return Suite.model_validate(yaml.safe_load(path.read_text()) or {})
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: invalid YAML: {str(e).splitlines()[0]}") from None
+    except ValidationError as e:
+        first = e.errors()[0]
+        raise ConfigError(f"{path}: {'.'.join(map(str, first['loc']))}: {first['msg']}") from None
+
+
+def config_hash(resolved: dict) -> str:
+    """8 hex digits identifying a resolved run config (where the data lives is left out)."""
+    canonical = {k: v for k, v in resolved.items() if k != "data_dir"}
+    return hashlib.sha256(json.dumps(canonical, sort_keys=True).encode()).hexdigest()[:8]
+
+
+@dataclass
+class Step:
+    """One subprocess of a bench: ``argv()`` is built when it runs; ``done()`` says whether its
+    output already exists; ``needs``: the labels of steps that must have succeeded."""
+
+    label: str
+    argv: Callable[[], list[str]]
+    done: Callable[[], bool] = lambda: False
+    needs: list[str] = field(default_factory=list)
+
+
+def _finished(run: Path) -> bool:
+    metrics = run / "metrics.jsonl"
+    return metrics.is_file() and '"event": "end"' in metrics.read_text()
+
+
+def _explained(folder: Path) -> bool:
+    """Every correct answer of the evaluation in ``folder`` has its explanation."""
+    samples = folder / "samples.jsonl"
+    if not samples.is_file():
+        return False
+    rows = [json.loads(line) for line in samples.read_text().splitlines() if line.strip()]
+    return all("explanation" in r for r in rows if r["correct"][SCORER])
+
+
+@dataclass
+class ModelEntry:
+    """A model of the bench: ``base`` or a method's run, with its evaluation folders by label."""
+
+    domain: str
+    name: str
+    method: str | None
+    seed: int | None
+    model: str
+    run: Path | None
+    evals: dict[str, Path]
+
+
+def plan(suite: Suite, out: Path, seeds: int | None = None, data_dir: str | None = None) -> tuple[list[Step], list[ModelEntry]]:
+    """The steps of a suite and the models they produce.
+
+    Args:
+        out: where runs and evaluations go (``out/<domain>/<method>-s<seed>-<config hash>/``,
+            ``out/<domain>/base/``).
+        seeds: train this many seeds per method (the recipe's seed and the next ones),
+            overriding the suite's ``seeds``.
+
+    Raises:
+        ConfigError, KembedError: a recipe or override is invalid (checked before anything runs).
+    """
+    from kembed.train import prepare_config
+
+    kembed = [sys.executable, "-m", "kembed.cli"]
+    data = ["--data-dir", data_dir] if data_dir else []
+    steps: list[Step] = []
+    models: list[ModelEntry] = []
+
+    def add_model_steps(entry: ModelEntry, needs: list[str]) -> None:
+        for spec in suite.evals:
+            folder = entry.evals[spec.label]
+            argv = [*kembed, "eval", "--domain", entry.domain, "--model", entry.model, "--split", suite.split,
+                    "--mode", spec.mode, "--format", spec.format, "--output", str(folder), "--overwrite", *data]
+            if spec.mode == "retrieved-context":
+                argv += ["--index", spec.index, "--top-k", str(spec.top_k)]
+            if suite.eval_limit is not None:
+                argv += ["--limit", str(suite.eval_limit)]
+            label = f"{entry.domain} {entry.name}: eval {spec.label}"
+            steps.append(Step(label, lambda a=argv: a, lambda f=folder: (f / "results.json").is_file(), needs))
+            if not spec.explain:
+                continue
+            steps.append(Step(f"{entry.domain} {entry.name}: explain {spec.label}",
+                              lambda f=folder: [*kembed, "explain", str(f), "--max-new-tokens",
+                                                str(suite.explain_max_new_tokens), *data],
+                              lambda f=folder: _explained(f), [label]))
+            for judge in suite.judges:
+                argv = [*kembed, "judge", str(folder), "--judge", judge, *data]
+                if judge != "grounded":
+                    argv += (["--judge-model", suite.judge_model] if suite.judge_model else []) + \
+                            (["--judge-url", suite.judge_url] if suite.judge_url else []) + \
+                            (["--judge-key-env", suite.judge_key_env] if suite.judge_key_env else [])
+                steps.append(Step(f"{entry.domain} {entry.name}: judge {judge} {spec.label}", lambda a=argv: a,
+                                  needs=[f"{entry.domain} {entry.name}: explain {spec.label}"]))
+
+    for domain in suite.domains:
+        base = ModelEntry(domain, "base", None, None, suite.model, None,
+                          {s.label: out / domain / "base" / f"eval-{suite.split}-{s.label}" for s in suite.evals})
+        models.append(base)
+        add_model_steps(base, [])
+        for method in suite.methods:
+            overrides = [*suite.overrides.get("all", []), *suite.overrides.get(method, [])]
+            run_cfg, _, resolved = prepare_config(method, suite.recipes.get(method), overrides, domain=domain,
+                                                  data_dir=data_dir)
+            if run_cfg.model != suite.model:
+                raise ConfigError(f"suite {suite.name}: the {method} recipe trains {run_cfg.model}, "
+                                  f"not the suite's base model {suite.model}")
+            method_seeds = (list(range(run_cfg.seed, run_cfg.seed + seeds)) if seeds
+                            else suite.seeds or [run_cfg.seed])
+            for seed in method_seeds:
+                seeded = [*overrides, f"seed={seed}"]
+                _, _, resolved = prepare_config(method, suite.recipes.get(method), seeded, domain=domain,
+                                                data_dir=data_dir)
+                run = out / domain / f"{method}-s{seed}-{config_hash(resolved)}"
+                name = method if len(method_seeds) == 1 else f"{method} (seed {seed})"
+                argv = [*kembed, "train", method, "--domain", domain, "--output", str(run), *data, *seeded]
+                if method in suite.recipes:
+                    argv += ["--recipe", suite.recipes[method]]
+                label = f"{domain} {name}: train"
+                steps.append(Step(label, lambda a=argv, r=run: [*a, "--resume"] if (r / "kembed-run.json").is_file() else a,
+                                  lambda r=run: _finished(r)))
+                entry = ModelEntry(domain, name, method, seed, str(run), run,
+                                   {s.label: run / f"eval-{suite.split}-{s.label}" for s in suite.evals})
+                models.append(entry)
+                add_model_steps(entry, [label])
+    return steps, models
+
+
+def execute(steps: list[Step], console, log_dir: Path) -> list[dict]:
+    """Run the steps in order, skipping those already done and those whose needs failed.
+
+    Each step's output goes to the console and to ``log_dir/<n>.log``... it is kept simple: the
+    subprocess inherits the console. Returns the failures: ``{"step", "returncode"}`` or
+    ``{"step", "blocked_by"}``.
+    """
+    failed: dict[str, str] = {}
+    failures = []
+    start = time.time()
+    for i, step in enumerate(steps, 1):
+        head = f"[bold]bench {i}/{len(steps)}[/] {step.label}"
+        blocked = [n for n in step.needs if n in failed]
+        if blocked:
+            failed[step.label] = "blocked"
+            failures.append({"step": step.label, "blocked_by": blocked[0]})
+            console.print(f"{head}: [yellow]skipped[/] ({blocked[0]} failed)")
+            continue
+        if step.done():
+            console.print(f"{head}: done before", highlight=False)
+            continue
+        console.print(f"{head} ({time.time() - start:.0f}s elapsed)", highlight=False)
+        rc = subprocess.call(step.argv())
+        if rc != 0:
+            failed[step.label] = "failed"
+            failures.append({"step": step.label, "returncode": rc})
+            console.print(f"[red]failed[/] {step.label} (exit {rc}); going on with the rest")
+    return failures
+
+
+# ---------------------------------------------------------------------------------------------
+# results
+
+
+def _correct(folder: Path) -> dict[str, bool]:
+    rows = [json.loads(line) for line in (folder / "samples.jsonl").read_text().splitlines() if line.strip()]
+    return {r["id"]: bool(r["correct"][SCORER]) for r in rows}
+
+
+def _training_seconds(run: Path | None) -> float | None:
+    """Training wall time of a run: the sum over its invocations (``end`` events; an interrupted
+    one that was resumed counts only from its resume)."""
+    if run is None or not (run / "metrics.jsonl").is_file():
+        return None
+    ends = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if '"event": "end"' in line]
+    return round(sum(e.get("seconds", 0) for e in ends), 1) if ends else None
+
+
+def rationality(folder: Path, judge: str = "grounded") -> dict | None:
+    """A judge's summary (:func:`kembed.judges.summarize_judgments`) of the explanations in an
+    evaluation folder: the latest configuration of that judge; None when not judged."""
+    from kembed.judges import judge_key, read_judgments, summarize_judgments
+
+    rows = [r for r in read_judgments(folder) if r["judge"] == judge]
+    if not rows:
+        return None
+    key = judge_key(rows[-1]["judge"], rows[-1]["version"], rows[-1]["settings"])
+    latest = {r["id"]: r for r in read_judgments(folder, key)}  # a re-parse supersedes earlier judgments
+    return summarize_judgments(list(latest.values()))
+
+
+def eval_cell(folder: Path, reference: Path | None) -> dict | None:
+    """Accuracy of one evaluation folder and, against ``reference`` (another evaluation of the
+    same questions), the paired difference (:func:`kembed.stats.paired_accuracy`); None when the
+    folder holds no results."""
+    from kembed.stats import paired_accuracy
+
+    if not (folder / "results.json").is_file():
+        return None
+    summary = json.loads((folder / "results.json").read_text())
+    cell = {"folder": str(folder), "n": summary["n"], "accuracy": summary["accuracy"][SCORER],
+            "ci95": summary["ci95"][SCORER], "coverage": summary.get("coverage"),
+            "mode": summary.get("mode"), "format": summary.get("format") or "raw", "model": summary.get("model"),
+            "domain": summary.get("domain"), "split": summary.get("split")}
+    if reference is not None and reference != folder and (reference / "samples.jsonl").is_file():
+        cell["vs_reference"] = paired_accuracy(_correct(folder), _correct(reference))
+    judged = rationality(folder)
+    if judged:
+        cell["grounded"] = judged
+    return cell
+
+
+def model_row(entry: ModelEntry, reference: ModelEntry | None) -> dict:
+    """One table row: the model's evaluations (:func:`eval_cell`, against the reference model's
+    evaluation of the same label), training seconds and knowledge coverage."""
+    cells = {label: eval_cell(folder, reference.evals.get(label) if reference else None)
+             for label, folder in entry.evals.items()}
+    coverage = next((c["coverage"] for c in cells.values() if c and c.get("coverage")), None)
+    return {"domain": entry.domain, "name": entry.name, "method": entry.method, "seed": entry.seed,
+            "model": entry.model, "training_seconds": _training_seconds(entry.run), "coverage": coverage,
+            "evals": cells}
+
+
+def compare_entries(paths: list[Path]) -> tuple[list[dict], list[str]]:
+    """Rows (:func:`model_row`) for ``kembed compare``: each path is an evaluation directory, or
+    a run directory holding ``eval-*`` evaluations (as the bench writes them); the first path is
+    the reference of the paired tests. Evaluations are matched by mode and format.
+
+    Returns:
+        ``(rows, labels)``: labels are the ``<mode>-<format>`` evaluations in first-seen order.
+
+    Raises:
+        KembedError: a path holds no evaluation.
+    """
+    entries = []
+    for path in paths:
+        path = Path(path)
+        folders = [path] if (path / "results.json").is_file() else sorted(
+            p.parent for p in path.glob("eval-*/results.json"))
+        if not folders:
+            raise KembedError(f"{path}: no evaluation (results.json) in it or in its eval-* folders")
+        evals = {}
+        for folder in folders:
+            summary = json.loads((folder / "results.json").read_text())
+            evals[f"{summary.get('mode')}-{summary.get('format') or 'raw'}"] = folder
+        summary = json.loads((folders[0] / "results.json").read_text())
+        model = str(summary.get("model"))
+        run = Path(model) if (Path(model) / "kembed-run.json").is_file() else None
+        name = run.name if run else (path.name if len(paths) > 1 else model)
+        entries.append(ModelEntry(str(summary.get("domain")), name, None, None, model, run, evals))
+    names = [e.name for e in entries]
+    for e, p in zip(entries, paths):
+        if names.count(e.name) > 1:
+            e.name = str(p)
+    labels = list(dict.fromkeys(label for e in entries for label in e.evals))
+    return [model_row(e, entries[0] if i else None) for i, e in enumerate(entries)], labels
+
+
+def collect(models: list[ModelEntry]) -> list[dict]:
+    """Rows for every model, each compared with its domain's base model."""
+    base = {m.domain: m for m in models if m.method is None}
+    return [model_row(m, base.get(m.domain)) for m in models]
+
+
+def _pct(x: float) -> str:
+    return f"{100 * x:.1f}"
+
+
+def _p(p: float) -> str:
+    return f"{p:.3f}" if p >= 0.001 else "<0.001"
+
+
+def table_cells(rows: list[dict], labels: list[str], reference: str = "base") -> tuple[list[str], list[list[str]]]:
+    """Header and cells of the comparison table: per evaluation label, accuracy [95% CI],
+    difference to the ``reference`` row [paired 95% CI] with McNemar's p; then grounded rationality and
+    unable-to-explain share [Wilson 95% CI] (from the first explained evaluation), training
+    time and knowledge coverage of the evaluated split."""
+    header = ["model"]
+    for label in labels:
+        header += [f"{label} % [95% CI]", f"{label} vs {reference} (pp) [paired CI], p"]
+    header += ["grounded rationality (n)", "unable to explain % [95% CI]", "training s", "answer in training knowledge"]
+    body = []
+    for r in rows:
+        line = [r["name"]]
+        judged = None
+        for label in labels:
+            c = r["evals"].get(label)
+            if c is None:
+                line += ["-", "-"]
+                continue
+            line.append(f"{_pct(c['accuracy'])} [{_pct(c['ci95'][0])}, {_pct(c['ci95'][1])}]")
+            v = c.get("vs_reference")
+            line.append(f"{100 * v['diff']:+.1f} [{100 * v['ci95'][0]:+.1f}, {100 * v['ci95'][1]:+.1f}], {_p(v['p_value'])}"
+                        if v else "-")
+            judged = judged or c.get("grounded")
+        if judged and judged["scored"]:
+            line.append(f"{judged['mean_score']:.2f} ({judged['scored']})")
+            lo, hi = judged["unable_ci95"]
+            line.append(f"{_pct(judged['unable_share'])} [{_pct(lo)}, {_pct(hi)}]")
+        else:
+            line += ["-", "-"]
+        line.append(f"{r['training_seconds']:.0f}" if r.get("training_seconds") is not None else "-")
+        cov = r.get("coverage")
+        line.append(f"{cov['answer_covered']}/{cov['answer_in_snippets']}" if cov else "-")
+        body.append(line)
+    return header, body
+
+
+def markdown_table(header: list[str], body: list[list[str]]) -> str:
+    """A GitHub-flavoured Markdown table."""
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    return "\n".join(lines + ["| " + " | ".join(cells) + " |" for cells in body])
+
+
+def rich_table(header: list[str], body: list[list[str]], title: str):
+    """The same table for the console."""
+    from rich.table import Table
+
+    table = Table(title=title, title_justify="left")
+    for col in header:
+        table.add_column(col, overflow="fold", justify="left" if col == "model" else "right")
+    for cells in body:
+        table.add_row(*cells)
+    return table
+
+
+def plot(rows: list[dict], labels: list[str], out: Path) -> list[Path]:
+    """PNG plots: accuracy with 95% CI bars per model and evaluation (one panel per domain),
+    accuracy vs training time, and grounded rationality vs accuracy. Returns the files written."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out.mkdir(parents=True, exist_ok=True)
+    domains = list(dict.fromkeys(r["domain"] for r in rows))
+    files = []
+
+    fig, axes = plt.subplots(1, len(domains), figsize=(max(6, 1.2 * len(rows) / len(domains) * len(labels)) * len(domains), 4),
+                             squeeze=False)
+    for ax, domain in zip(axes[0], domains):
+        mine = [r for r in rows if r["domain"] == domain]
+        width = 0.8 / len(labels)
+        for j, label in enumerate(labels):
+            xs, ys, err = [], [], [[], []]
+            for i, r in enumerate(mine):
+                c = r["evals"].get(label)
+                if c:
+                    xs.append(i + (j - (len(labels) - 1) / 2) * width)
+                    ys.append(100 * c["accuracy"])
+                    err[0].append(100 * (c["accuracy"] - c["ci95"][0]))
+                    err[1].append(100 * (c["ci95"][1] - c["accuracy"]))
+            ax.bar(xs, ys, width, yerr=err, capsize=3, label=label)
+        ax.set_xticks(range(len(mine)), [r["name"] for r in mine], rotation=30, ha="right")
+        ax.set_ylabel(f"accuracy % ({SCORER}, 95% CI)")
+        ax.set_title(domain)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    files.append(out / "accuracy.png")
+    fig.savefig(files[-1], dpi=120)
+    plt.close(fig)
+
+    def scatter(xkey: Callable[[dict], float | None], ykey: Callable[[dict], float | None], xlabel, ylabel, name):
+        fig, ax = plt.subplots(figsize=(6, 4.5))
+        for r in rows:
+            x, y = xkey(r), ykey(r)
+            if x is None or y is None:
+                continue
+            ax.scatter([x], [y])
+            ax.annotate(r["name"] if len(domains) == 1 else f"{r['name']} ({r['domain']})", (x, y),
+                        textcoords="offset points", xytext=(4, 4), fontsize=8)
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(ylabel)
+        fig.tight_layout()
+        files.append(out / name)
+        fig.savefig(files[-1], dpi=120)
+        plt.close(fig)
+
+    first = labels[0]
+
+    def acc(r, label=first):
+        c = r["evals"].get(label)
+        return 100 * c["accuracy"] if c else None
+
+    scatter(lambda r: r.get("training_seconds") or (0.0 if r["method"] is None else None), acc,
+            "training time (s)", f"{first} accuracy %", "accuracy_vs_training_time.png")
+    explained = next((lab for lab in labels if any((r["evals"].get(lab) or {}).get("grounded") for r in rows)), None)
+    if explained:
+        scatter(lambda r: acc(r, explained),
+                lambda r: ((r["evals"].get(explained) or {}).get("grounded") or {}).get("mean_score"),
+                f"{explained} accuracy %", "grounded rationality (mean score)", "rationality_vs_accuracy.png")
+    return files
+
+
+def git_commit() -> str | None:
+    """The checkout's commit (with ``-dirty`` when it has uncommitted changes), if in git."""
+    root = BENCH_DIR.parent
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True,
+                                text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                               capture_output=True, text=True, check=True).stdout.strip()
+        return commit + ("-dirty" if dirty else "")
+    except (OSError, subprocess.CalledProcessError):
+        return None
+
+
+def write_report(suite: Suite, rows: list[dict], failures: list[dict], results_dir: Path, invocations: list[dict]) -> Path:
+    """``results.json``, ``results.md`` and the plots of a suite into ``results_dir``."""
+    from kembed.runs import write_atomic, write_json
+
+    labels = [s.label for s in suite.evals]
+    results_dir.mkdir(parents=True, exist_ok=True)
+    meta = {"suite": suite.name, "description": suite.description, "command": f"kembed bench {suite.name}",
+            "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "commit": git_commit(),
+            "machine": f"{platform.machine()}, {__import__('os').cpu_count()} CPU cores, {platform.system()}",
+            "bench_seconds": round(sum(i["seconds"] for i in invocations), 1), "invocations": invocations,
+            "scorer": SCORER, "failures": failures}
+    write_json(results_dir / "results.json", {**meta, "rows": rows})
+    plots = plot(rows, labels, results_dir)
+    lines = [f"# Benchmark suite `{suite.name}`", "", suite.description, "",
+             f"- command: `{meta['command']}` (`make bench` for the quick suite), {len(invocations)} invocation(s), "
+             f"{meta['bench_seconds'] / 60:.0f} min of bench wall time in all",
+             f"- date: {meta['date']}; commit: {meta['commit']}; machine: {meta['machine']}",
+             f"- accuracy: `{SCORER}` option scoring on the {suite.split} split; 95% CIs bootstrap over questions; "
+             "\"vs base\": the paired difference to the base model on the same questions (paired bootstrap 95% CI) "
+             "and McNemar's exact p",
+             "- rationality: the `grounded` judge (no language model) on the explanations of correctly answered "
+             "closed-book questions; mean score in [0, 1] over judged explanations; unable-to-explain share with "
+             "its Wilson 95% CI",
+             "- these intervals cover the choice of questions, not variation between training seeds "
+             "(`kembed bench SUITE --seeds K` trains K seeds per method)", ""]
+    for domain in dict.fromkeys(r["domain"] for r in rows):
+        header, body = table_cells([r for r in rows if r["domain"] == domain], labels)
+        lines += [f"## {domain}", "", markdown_table(header, body), ""]
+        significant = [f"{r['name']} ({label}: {100 * c['vs_reference']['diff']:+.1f} pp, p = {_p(c['vs_reference']['p_value'])})"
+                       for r in rows if r["domain"] == domain for label, c in r["evals"].items()
+                       if c and c.get("vs_reference") and c["vs_reference"]["p_value"] < 0.05]
+        lines += ["Differences to base significant at p < 0.05 (McNemar, paired): "
+                  + ("; ".join(significant) if significant else "none"), ""]
+    lines += [f"![{p.stem}]({p.name})" for p in plots] + [""]
+    if failures:
+        lines += ["## Failures", ""] + [f"- {f['step']}: " + (f"exit {f['returncode']}" if "returncode" in f
+                                                          else f"skipped, {f['blocked_by']} failed") for f in failures]
+    write_atomic(results_dir / "results.md", "\n".join(lines) + "\n")
+    return results_dir / "results.md"
+
+
+def run_suite(suite: Suite, *, out: Path, results_dir: Path, seeds: int | None = None, data_dir: str | None = None,
+              console=None) -> tuple[Path, list[dict]]:
+    """Plan, execute and report a suite; returns ``(results.md, failures)``.
+
+    The wall time of every invocation is appended to ``out/bench-invocations.jsonl``, so that the
+    report states the total over resumed invocations.
+    """
+    from rich.console import Console
+
+    console = console or Console()
+    steps, models = plan(suite, out, seeds, data_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    start = time.time()
+    failures = execute(steps, console, out)
+    log = out / "bench-invocations.jsonl"
+    with log.open("a") as f:
+        f.write(json.dumps({"started": datetime.fromtimestamp(start, timezone.utc).isoformat(timespec="seconds"),
+                            "seconds": round(time.time() - start, 1), "steps": len(steps),
+                            "failures": len(failures)}) + "\n")
+    invocations = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
+    rows = collect(models)
+    report = write_report(suite, rows, failures, results_dir, invocations)
+    labels = [s.label for s in suite.evals]
+    for domain in dict.fromkeys(r["domain"] for r in rows):
+        header, body = table_cells([r for r in rows if r["domain"] == domain], labels)
+        console.print(rich_table(header, body, f"{suite.name}: {domain}"))
+    return report, failures

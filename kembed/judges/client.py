@@ -1,0 +1,377 @@
+"""The language-model client of the judges: a local model or an OpenAI-compatible endpoint,
+behind a sqlite cache of raw completions.
+
+The cache key is the sha256 of (judge name, endpoint URL or local model id, prompt template
+version, rendered prompt, decoding settings, attempt). It stores the raw completion text and its
+token counts, never a parsed verdict: parsing happens in the judges, so re-parsing stored
+completions costs no calls, and a retry after an unparsable answer (``attempt`` + 1) gets a key of
+its own.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sqlite3
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from kembed.errors import KembedError
+
+#: HTTP statuses that are retried (with back-off) instead of failing at once
+RETRY_STATUSES = {429, 500, 502, 503, 504}
+
+
+@dataclass
+class Completion:
+    """One raw completion.
+
+    Attributes:
+        text: the completion text (stripped).
+        prompt_tokens: tokens of the prompt (0 when the endpoint reports no usage).
+        completion_tokens: tokens of the completion (0 when the endpoint reports no usage).
+        cached: it came from the cache (no request was made).
+    """
+
+    text: str
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cached: bool = False
+
+
+class LocalBackend:
+    """Greedy, chat-templated generation with a local causal LM, in left-padded batches.
+
+    Args:
+        model, tokenizer: the model (on ``placement.device``) and its tokenizer.
+        placement: device and precision (:func:`kembed.models.choose_placement`).
+        model_id: the name recorded in the settings and the cache key (the model argument).
+        max_new_tokens: generation budget per prompt, in tokens.
+        batch_size: prompts per ``generate`` call.
+    """
+
+    kind = "local"
+
+    def __init__(self, model, tokenizer, placement, *, model_id: str, max_new_tokens: int = 256,
+                 batch_size: int = 8):
+        self.model, self.tokenizer, self.placement = model, tokenizer, placement
+        self.model_id, self.max_new_tokens, self.batch_size = model_id, max_new_tokens, batch_size
+
+    def describe(self) -> dict:
+        """Backend, model and decoding settings."""
+        return {"backend": "local", "model": self.model_id,
+                "decoding": {"greedy": True, "max_new_tokens": self.max_new_tokens}}
+
+    def generate(self, prompts: list[str], done: Callable[[int, Completion], None]) -> None:
+        """Generate a completion per prompt; ``done(index, completion)`` is called for each."""
+        import torch
+
+        from kembed.methods.common import left_pad
+
+        tok = self.tokenizer
+        pad, eos = tok.pad_token_id, tok.eos_token_id
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            for start in range(0, len(prompts), self.batch_size):
+                chunk = prompts[start:start + self.batch_size]
+                ids = [tok.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True,
+                                               tokenize=True, return_dict=True)["input_ids"] for p in chunk]
+                input_ids = left_pad(ids, pad).to(self.placement.device)  # [b, s]
+                attention = left_pad([[1] * len(r) for r in ids], 0).to(self.placement.device)
+                with torch.no_grad(), self.placement.autocast():
+                    out = self.model.generate(input_ids=input_ids, attention_mask=attention, do_sample=False,
+                                              max_new_tokens=self.max_new_tokens, pad_token_id=pad)
+                for j, row in enumerate(out[:, input_ids.shape[1]:].tolist()):
+                    n = row.index(eos) + 1 if eos in row else len(row)  # generated tokens, up to eos
+                    text = tok.decode(row[:n], skip_special_tokens=True).strip()
+                    done(start + j, Completion(text, len(ids[j]), n))
+        finally:
+            self.model.train(was_training)
+
+
+class EndpointBackend:
+    """An OpenAI-compatible chat-completions endpoint (``POST {url}/chat/completions``) via httpx.
+
+    Requests run in a thread pool of ``max_concurrency`` workers with temperature 0. Timeouts,
+    connection errors, 429 and 5xx are retried up to ``max_retries`` times with exponential
+    back-off (``backoff * 2**k`` seconds); a ``Retry-After`` header (seconds) on 429/503 is
+    honoured instead (capped at ``max_retry_after``).
+
+    Args:
+        url: base URL, e.g. ``http://localhost:8000/v1``.
+        model: the model name the endpoint serves.
+        api_key_env: NAME of the environment variable that holds the API key (sent as Bearer).
+        max_tokens: ``max_tokens`` of each request.
+        timeout: seconds per request.
+        max_retries: retries after the first try.
+        backoff: base delay of the back-off, seconds.
+        max_concurrency: requests in flight at once.
+        max_retry_after: the longest ``Retry-After`` wait honoured, seconds.
+
+    Raises (from ``generate``):
+        KembedError: a 4xx other than 429 (at once), retries exhausted (with the URL and the last
+            status or error), or a 200 answer without ``choices[0].message.content``.
+    """
+
+    kind = "endpoint"
+
+    def __init__(self, url: str, model: str, *, api_key_env: str | None = None, max_tokens: int = 512,
+                 timeout: float = 60.0, max_retries: int = 4, backoff: float = 1.0, max_concurrency: int = 4,
+                 max_retry_after: float = 120.0):
+        import httpx
+
+        self.url, self.model = url.rstrip("/"), model
+        self.api_key_env, self.max_tokens, self.timeout = api_key_env, max_tokens, timeout
+        self.max_retries, self.backoff, self.max_concurrency = max_retries, backoff, max(1, max_concurrency)
+        self.max_retry_after = max_retry_after
+        self.api_key = os.environ.get(api_key_env) if api_key_env else None
+        if api_key_env and not self.api_key:
+            raise KembedError(f"judge endpoint {self.url}: environment variable {api_key_env} is not set")
+        headers = {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
+        self.http = httpx.Client(timeout=timeout, headers=headers,
+                                 limits=httpx.Limits(max_connections=self.max_concurrency))
+
+    def describe(self) -> dict:
+        """Backend, model, endpoint URL and decoding settings (never the API key)."""
+        return {"backend": "endpoint", "model": self.model, "url": self.url,
+                "decoding": {"temperature": 0, "max_tokens": self.max_tokens}}
+
+    def generate(self, prompts: list[str], done: Callable[[int, Completion], None]) -> None:
+        """Request a completion per prompt, concurrently; ``done(index, completion)`` per answer."""
+        if not prompts:
+            return
+        with ThreadPoolExecutor(max_workers=min(self.max_concurrency, len(prompts))) as pool:
+            futures = [pool.submit(lambda i=i, p=p: done(i, self.request(p))) for i, p in enumerate(prompts)]
+            try:
+                for f in futures:
+                    f.result()
+            except BaseException:
+                for f in futures:
+                    f.cancel()
+                raise
+
+    def request(self, prompt: str) -> Completion:
+        """One chat completion with retries (see the class docstring for what raises)."""
+        import httpx
+
+        endpoint = f"{self.url}/chat/completions"
+        body = {"model": self.model, "messages": [{"role": "user", "content": prompt}],
+                "temperature": 0, "max_tokens": self.max_tokens}
+        last = "no answer"
+        for k in range(self.max_retries + 1):
+            delay = self.backoff * 2 ** k
+            try:
+                r = self.http.post(endpoint, json=body)
+            except httpx.TimeoutException:
+                last = f"timeout after {self.timeout:g} s"
+            except httpx.TransportError as e:
+                last = f"connection error ({type(e).__name__}: {e})"
+            else:
+                if r.status_code == 200:
+                    return self._parse(r, endpoint)
+                last = f"HTTP {r.status_code}"
+                if r.status_code not in RETRY_STATUSES:
+                    raise KembedError(f"judge endpoint {endpoint}: HTTP {r.status_code}: {r.text[:300]}")
+                if r.status_code in (429, 503):
+                    try:
+                        delay = min(float(r.headers["retry-after"]), self.max_retry_after)
+                    except (KeyError, ValueError):
+                        pass
+            if k < self.max_retries:
+                time.sleep(max(0.0, delay))
+        raise KembedError(f"judge endpoint {endpoint}: gave up after {self.max_retries + 1} tries, last: {last}")
+
+    @staticmethod
+    def _parse(r, endpoint: str) -> Completion:
+        try:
+            data = r.json()
+            text = data["choices"][0]["message"]["content"] or ""
+        except (ValueError, KeyError, IndexError, TypeError):
+            raise KembedError(f"judge endpoint {endpoint}: answer is not a chat completion: {r.text[:300]}") from None
+        usage = data.get("usage") or {}
+        return Completion(text.strip(), int(usage.get("prompt_tokens") or 0),
+                          int(usage.get("completion_tokens") or 0))
+
+
+class JudgeClient:
+    """A judge's language model (a :class:`LocalBackend` or :class:`EndpointBackend`) with a
+    thread-safe sqlite cache of raw completions and a usage count.
+
+    Args:
+        backend: the backend that makes the calls.
+        cache_path: the sqlite file; default ``models.cache_dir()/judge-cache.sqlite``; None for
+            the default, ``False`` for no cache.
+
+    Attributes:
+        usage: ``{"requests", "cache_hits", "prompt_tokens", "completion_tokens"}``; the token
+            counts are those of requests actually made (cache hits cost nothing).
+    """
+
+    def __init__(self, backend, *, cache_path: str | Path | None | bool = None):
+        self.backend = backend
+        self.usage = {"requests": 0, "cache_hits": 0, "prompt_tokens": 0, "completion_tokens": 0}
+        self._lock = threading.Lock()
+        self._db = None
+        if cache_path is not False:
+            if cache_path is None:
+                from kembed.models import cache_dir
+
+                cache_path = cache_dir() / "judge-cache.sqlite"
+            self.cache_path = Path(cache_path)
+            self.cache_path.parent.mkdir(parents=True, exist_ok=True)
+            self._db = sqlite3.connect(self.cache_path, timeout=60, check_same_thread=False)
+            with self._db:
+                self._db.execute("CREATE TABLE IF NOT EXISTS completions (key TEXT PRIMARY KEY, text TEXT NOT NULL, "
+                                 "prompt_tokens INTEGER, completion_tokens INTEGER, created REAL)")
+        else:
+            self.cache_path = None
+
+    @classmethod
+    def local(cls, model: str, *, device: str = "auto", precision: str = "auto", max_new_tokens: int = 256,
+              batch_size: int = 8, cache_path=None) -> "JudgeClient":
+        """A client on a local model argument (loaded with :func:`kembed.models.load_model`).
+
+        Raises:
+            ModelError: the model cannot be loaded offline.
+        """
+        from kembed.models import choose_placement, load_model, load_tokenizer
+
+        placement = choose_placement(device, precision)
+        backend = LocalBackend(load_model(model, placement), load_tokenizer(model), placement, model_id=model,
+                               max_new_tokens=max_new_tokens, batch_size=batch_size)
+        return cls(backend, cache_path=cache_path)
+
+    @classmethod
+    def endpoint(cls, url: str, model: str, *, cache_path=None, **options) -> "JudgeClient":
+        """A client on an OpenAI-compatible endpoint; ``options`` go to :class:`EndpointBackend`."""
+        return cls(EndpointBackend(url, model, **options), cache_path=cache_path)
+
+    @property
+    def name(self) -> str:
+        """``"<backend>:<model>"``."""
+        return f"{self.backend.kind}:{self.describe()['model']}"
+
+    def describe(self) -> dict:
+        """Backend, model, endpoint URL (endpoint only) and decoding settings."""
+        return self.backend.describe()
+
+    def key(self, prompt: str, *, attempt: int = 0, judge: str = "", template_version: str = "") -> str:
+        """The cache key of one call (sha256 hex)."""
+        d = self.describe()
+        text = json.dumps({"judge": judge, "source": d.get("url") or d["model"], "model": d["model"],
+                           "template": template_version, "prompt": prompt, "decoding": d["decoding"],
+                           "attempt": attempt}, sort_keys=True, ensure_ascii=False)
+        return hashlib.sha256(text.encode()).hexdigest()
+
+    def complete(self, prompts: list[str], *, attempt: int = 0, judge: str = "", template_version: str = "",
+                 progress=None) -> list[Completion]:
+        """One completion per prompt, from the cache when there, else from the backend (each new
+        completion is stored at once, so an interrupted run keeps what it paid for).
+
+        Args:
+            prompts: rendered user prompts.
+            attempt: the retry number of the caller (part of the cache key).
+            judge, template_version: the judge's name and prompt template version (cache key).
+            progress: called with 1 per completion obtained.
+
+        Raises:
+            KembedError: the backend failed (see :class:`EndpointBackend`).
+        """
+        keys = [self.key(p, attempt=attempt, judge=judge, template_version=template_version) for p in prompts]
+        out: list[Completion | None] = [self._get(k) for k in keys]
+        with self._lock:
+            self.usage["cache_hits"] += sum(c is not None for c in out)
+        if progress is not None:
+            for c in out:
+                if c is not None:
+                    progress(1)
+        missing = [i for i, c in enumerate(out) if c is None]
+
+        def done(j: int, completion: Completion) -> None:
+            i = missing[j]
+            self._put(keys[i], completion)
+            with self._lock:
+                self.usage["requests"] += 1
+                self.usage["prompt_tokens"] += completion.prompt_tokens
+                self.usage["completion_tokens"] += completion.completion_tokens
+            out[i] = completion
+            if progress is not None:
+                progress(1)
+
+        self.backend.generate([prompts[i] for i in missing], done)
+        return out  # type: ignore[return-value]
+
+    def _get(self, key: str) -> Completion | None:
+        if self._db is None:
+            return None
+        with self._lock:
+            row = self._db.execute("SELECT text, prompt_tokens, completion_tokens FROM completions WHERE key = ?",
+                                   (key,)).fetchone()
+        return None if row is None else Completion(row[0], row[1] or 0, row[2] or 0, cached=True)
+
+    def _put(self, key: str, c: Completion) -> None:
+        if self._db is None:
+            return
+        with self._lock, self._db:
+            self._db.execute("INSERT OR REPLACE INTO completions VALUES (?, ?, ?, ?, ?)",
+                             (key, c.text, c.prompt_tokens, c.completion_tokens, time.time()))
+
+    def close(self) -> None:
+        """Close the cache and the HTTP connections."""
+        if self._db is not None:
+            self._db.close()
+            self._db = None
+        http = getattr(self.backend, "http", None)
+        if http is not None:
+            http.close()
+
+
+def extract_json_object(text: str) -> dict | None:
+    """The first ``{...}`` JSON object in ``text`` (e.g. inside a code fence), or None."""
+    decoder = json.JSONDecoder()
+    start = text.find("{")
+    while start != -1:
+        try:
+            obj, _ = decoder.raw_decode(text, start)
+        except json.JSONDecodeError:
+            obj = None
+        if isinstance(obj, dict):
+            return obj
+        start = text.find("{", start + 1)
+    return None
+
+
+def ask(client: JudgeClient, prompts: list[str], parse: Callable[[str], object | None], *, max_attempts: int,
+        judge: str, template_version: str, progress=None) -> list[tuple[object | None, list[str]]]:
+    """Complete each prompt and parse it; an answer ``parse`` rejects (returns None) is asked
+    again with ``attempt`` + 1, up to ``max_attempts`` tries in all.
+
+    Returns:
+        Per prompt ``(parsed or None, raw completion texts of every attempt)``.
+
+    ``progress`` is called with the number of prompts that reached a final state, once per round.
+    """
+    results: list[tuple[object | None, list[str]]] = [(None, []) for _ in prompts]
+    pending = list(range(len(prompts)))
+    for attempt in range(max(1, max_attempts)):
+        if not pending:
+            break
+        completions = client.complete([prompts[i] for i in pending], attempt=attempt, judge=judge,
+                                      template_version=template_version)
+        still = []
+        for i, c in zip(pending, completions):
+            parsed = parse(c.text)
+            results[i] = (parsed, results[i][1] + [c.text])
+            if parsed is None:
+                still.append(i)
+        final = len(pending) - len(still) if attempt + 1 < max(1, max_attempts) else len(pending)
+        if progress is not None and final:
+            progress(final)
+        pending = still
+    return results
