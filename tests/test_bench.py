@@ -1,0 +1,185 @@
+"""Explanations, `kembed judge`, `kembed compare`, `kembed config check` and the benchmark runner,
+on the tiny model and the tiny data directory of conftest."""
+
+import json
+import sys
+
+import pytest
+from typer.testing import CliRunner
+
+from kembed.bench import Step, execute, load_suite, plan
+from kembed.cli import app
+from kembed.data import load_records
+from kembed.judges import read_judgments
+
+runner = CliRunner()
+
+
+def invoke(*args):
+    return runner.invoke(app, [str(a) for a in args], catch_exceptions=False)
+
+
+def write_evaluation(folder, model, correct, explanations=None, mode="closed-book"):
+    """An evaluation directory as `kembed eval` writes it, for the toy test split: record i is
+    answered correctly when ``correct[i]``; ``explanations``: record index -> text saved with it."""
+    folder.mkdir(parents=True)
+    records = load_records("current-events", "test")
+    samples = []
+    for i, (record, ok) in enumerate(zip(records, correct)):
+        predicted = record.answer_index if ok else (record.answer_index + 1) % len(record.options)
+        sample = {"id": record.id, "gold": record.answer_index, "predicted": {"token_mean": predicted},
+                  "correct": {"token_mean": ok}}
+        if explanations and i in explanations:
+            sample["explanation"] = {"prompt": "p", "text": explanations[i]}
+        samples.append(sample)
+    (folder / "samples.jsonl").write_text("".join(json.dumps(s) + "\n" for s in samples))
+    summary = {"domain": "current-events", "split": "test", "model": str(model), "mode": mode, "format": "raw",
+               "n": len(samples), "accuracy": {"token_mean": sum(correct) / len(correct)},
+               "ci95": {"token_mean": [0.0, 1.0]}}
+    if explanations is not None:
+        summary["explanations"] = {"model": str(model), "n": len(explanations)}
+    (folder / "results.json").write_text(json.dumps(summary))
+    return records
+
+
+def test_explain_then_judge_resumes_and_appends(data_dir, tiny_model_dir, tmp_path):
+    folder = tmp_path / "eval"
+    write_evaluation(folder, tiny_model_dir, [True, False, True, False])
+    result = invoke("explain", folder, "--max-new-tokens", 8, "--precision", "fp32")
+    assert result.exit_code == 0, result.output
+    samples = [json.loads(line) for line in (folder / "samples.jsonl").read_text().splitlines()]
+    assert ["explanation" in s for s in samples] == [True, False, True, False]
+    assert "Answer: A. " in samples[0]["explanation"]["prompt"]  # the chosen (correct) option is named
+    assert json.loads((folder / "results.json").read_text())["explanations"]["n"] == 2
+    assert invoke("explain", folder, "--max-new-tokens", 16).exit_code == 2  # other settings: refused
+
+    for _ in range(2):  # the second run finds everything judged and appends nothing
+        result = invoke("judge", folder, "--judge", "grounded")
+        assert result.exit_code == 0, result.output
+    rows = read_judgments(folder)
+    assert len(rows) == 2 and {r["judge"] for r in rows} == {"grounded"}
+    assert all(r["version"] and r["settings"] for r in rows)
+
+
+def test_judge_without_explanations_is_a_one_line_error(data_dir, tmp_path):
+    folder = tmp_path / "eval"
+    write_evaluation(folder, "m", [True, True, False, False])
+    result = invoke("judge", folder)
+    assert result.exit_code == 2 and "kembed explain" in result.output and "Traceback" not in result.output
+
+
+GOOD = {0: "The Eiffel Tower is in Paris, so Paris is the answer.",
+        1: "Mercury is the planet closest to the Sun.", 2: "Penicillin blocks cell wall synthesis."}
+
+
+def test_compare_pairs_runs_and_plots(data_dir, tmp_path):
+    a, b = tmp_path / "a", tmp_path / "b"
+    write_evaluation(a, "model-a", [True, True, True, False], GOOD)
+    write_evaluation(b, "model-b", [False, False, False, False], {})
+    result = invoke("compare", a, b, "--markdown", "--plot", tmp_path / "plots")
+    assert result.exit_code == 0, result.output
+    assert "-75.0" in result.output  # b vs a: 0/4 against 3/4, paired
+    assert "0.250" in result.output  # McNemar exact: 3 discordant pairs, two-sided p = 2/8
+    assert (tmp_path / "plots" / "accuracy.png").stat().st_size > 0
+
+
+def test_compare_pairwise_over_a_local_endpoint(data_dir, tmp_path, monkeypatch):
+    from judge_server import JudgeServer
+
+    a, b = tmp_path / "a", tmp_path / "b"
+    write_evaluation(a, "model-a", [True, True, True, False], GOOD)
+    write_evaluation(b, "model-b", [True, True, False, False], {0: "I don't know.", 1: "I don't know."})
+
+    def prefer_grounded(prompt):  # the judge prefers whichever explanation is about the facts
+        first = prompt.index("Explanation A")
+        return json.dumps({"better": "B" if "I don't know" in prompt[first:prompt.index("Explanation B")] else "A"})
+
+    with JudgeServer(default=prefer_grounded) as server:
+        result = invoke("compare", a, b, "--judge", "pairwise", "--judge-url", server.url, "--judge-name", "gpt-test",
+                        "--output", tmp_path / "pw")
+        assert result.exit_code == 0, result.output
+        assert len(server.requests) == 4  # two shared questions, both orders
+    saved = json.loads(next((tmp_path / "pw").glob("pairwise-*.json")).read_text())
+    assert saved["stats"]["losses"] == 2 and saved["stats"]["wins"] == 0 and saved["order_flip_rate"] == 0.0
+
+
+def test_config_check(data_dir):
+    result = invoke("config", "check", "sft", "limit=7")
+    assert result.exit_code == 0 and "limit: 7" in result.output
+    result = invoke("config", "check", "sft", "no_such_key=1")
+    assert result.exit_code == 2 and "no_such_key" in result.output and "Traceback" not in result.output
+
+
+def test_execute_reports_a_failure_and_goes_on(tmp_path):
+    from rich.console import Console
+
+    py = sys.executable
+    ran = tmp_path / "ran"
+    steps = [Step("train a", lambda: [py, "-c", "raise SystemExit(3)"]),
+             Step("eval a", lambda: [py, "-c", f"open({str(ran / 'a')!r}, 'w')"], needs=["train a"]),
+             Step("train b", lambda: [py, "-c", f"open({str(ran / 'b')!r}, 'w')"]),
+             Step("done b", lambda: [py, "-c", "raise SystemExit(4)"], done=lambda: True)]
+    ran.mkdir()
+    failures = execute(steps, Console(file=open(tmp_path / "log", "w")), tmp_path)
+    assert failures == [{"step": "train a", "returncode": 3}, {"step": "eval a", "blocked_by": "train a"}]
+    assert sorted(p.name for p in ran.iterdir()) == ["b"]
+
+
+def mini_suite(tmp_path, tiny_model_dir):
+    suite = tmp_path / "mini.yaml"
+    suite.write_text(json.dumps({
+        "name": "mini", "model": str(tiny_model_dir), "domains": ["current-events"], "methods": ["sft"],
+        "overrides": {"all": [f"model={tiny_model_dir}", "limit=4", "validation=2", "precision=fp32",
+                              "train.batch_size=2", "eval.limit=2"], "sft": ["sft.epochs=1"]},
+        "evals": [{"mode": "closed-book", "explain": True},
+                  {"mode": "retrieved-context", "format": "chat", "top_k": 1}],
+        "explain_max_new_tokens": 6}))
+    return suite
+
+
+def test_bench_runs_a_suite_and_resumes(data_dir, tiny_model_dir, tmp_path):
+    suite, out, results = mini_suite(tmp_path, tiny_model_dir), tmp_path / "runs", tmp_path / "results"
+    result = invoke("bench", suite, "--out", out, "--results", results)
+    assert result.exit_code == 0, result.output
+    report = json.loads((results / "results.json").read_text())
+    assert [r["name"] for r in report["rows"]] == ["base", "sft"] and report["failures"] == []
+    sft = report["rows"][1]
+    assert set(sft["evals"]) == {"closed-book-raw", "retrieved-context-chat"}
+    assert "vs_reference" in sft["evals"]["closed-book-raw"] and sft["training_seconds"] is not None
+    assert (results / "accuracy.png").is_file() and "| sft |" in (results / "results.md").read_text()
+
+    # interrupt: one evaluation lost, the training run cut short after its start
+    run = next((out / "current-events").glob("sft-s42-*"))
+    rag = run / "eval-test-retrieved-context-chat" / "results.json"
+    rag.unlink()
+    metrics = (run / "metrics.jsonl").read_text()
+    steps, _ = plan(load_suite(str(suite)), out)
+    train = next(s for s in steps if s.label.endswith("sft: train"))
+    assert train.done() and "--resume" in train.argv()  # a finished run is reused, never retrained
+    again = invoke("bench", suite, "--out", out, "--results", results)
+    assert again.exit_code == 0, again.output
+    assert (run / "metrics.jsonl").read_text() == metrics and rag.is_file()
+    assert again.output.count("done before") == len(steps) - 1 - 2  # the lost eval and the two judges re-ran
+    assert len(json.loads((results / "results.json").read_text())["invocations"]) == 2
+
+
+def test_bench_checks_every_recipe_before_running(data_dir, tmp_path):
+    suite = tmp_path / "bad.yaml"
+    suite.write_text(json.dumps({"name": "bad", "domains": ["current-events"], "methods": ["sft"],
+                                 "overrides": {"sft": ["sft.no_such_field=1"]}}))
+    result = invoke("bench", suite, "--out", tmp_path / "runs")
+    assert result.exit_code == 2 and "no_such_field" in result.output
+    assert not (tmp_path / "runs").exists()
+    with pytest.raises(Exception, match="no benchmark suite"):
+        load_suite("no-such-suite")
+
+
+def test_seeds_train_one_run_each_and_report_the_spread(data_dir, tiny_model_dir, tmp_path):
+    from kembed.bench import seed_spread
+
+    steps, models = plan(load_suite(str(mini_suite(tmp_path, tiny_model_dir))), tmp_path / "runs", seeds=2)
+    trains = [s.argv() for s in steps if s.label.endswith(": train")]
+    assert [a[-1] for a in trains] == ["seed=42", "seed=43"]
+    assert len({a[a.index("--output") + 1] for a in trains}) == 2  # one run directory per seed
+    rows = [{"domain": "d", "method": "sft", "evals": {"closed-book-raw": {"accuracy": acc}}} for acc in (0.2, 0.3)]
+    assert seed_spread(rows, ["closed-book-raw"]) == [["d", "sft", "closed-book-raw", "2", "25.0", "20.0", "30.0"]]
