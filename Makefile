@@ -7,7 +7,7 @@ KEMBED_DATA_DIR ?= $(firstword $(wildcard $(abspath $(CURDIR)/../shared/datasets
 export KEMBED_DATA_DIR
 RUN ?= runs/main-$(shell date +%Y%m%d-%H%M%S)
 
-.PHONY: setup main test bench bench-methods bench-rlag-sweep clean
+.PHONY: setup main test bench bench-rlag-sweep clean
 
 setup: $(VENV)/.installed
 	@# leave the data where the CLI looks for it when no KEMBED_DATA_DIR is set (the user data dir)
@@ -40,10 +40,6 @@ test: setup
 # explanations judged; resumable; writes benchmarks/results/quick/ (results.md, results.json, plots).
 bench: setup
 	$(BIN)/kembed bench quick
-
-# Every method's CPU recipe on current-events, scored by the same evaluator.
-bench-methods: setup
-	KEMBED=$(BIN)/kembed benchmarks/methods.sh $(RUN) current-events
 
 # The RLAG recipe sweep on the validation split (benchmarks/results/rlag-sweep.md).
 bench-rlag-sweep: setup

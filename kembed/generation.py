@@ -30,27 +30,37 @@ class LocalGenerator:
 
     def generate(self, prompts: list[str], progress=None) -> list[str]:
         """One reply per user prompt (special tokens removed, stripped)."""
+        return [text for text, _, _ in self.generate_counted(prompts, progress)]
+
+    def generate_counted(self, prompts: list[str], progress=None) -> list[tuple[str, int, int]]:
+        """``(reply, prompt tokens, generated tokens up to and including the first eos)`` per
+        user prompt; ``progress(n)`` is called after each batch of n prompts."""
         import torch
 
         from kembed.methods.common import left_pad
 
-        pad = self.tokenizer.pad_token_id
+        tok = self.tokenizer
+        pad, eos = tok.pad_token_id, tok.eos_token_id
         replies = []
         was_training = self.model.training
         self.model.eval()
-        for i in range(0, len(prompts), self.batch_size):
-            chunk = prompts[i:i + self.batch_size]
-            ids = [self.tokenizer.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True,
-                                                      tokenize=True, return_dict=True)["input_ids"] for p in chunk]
-            input_ids = left_pad(ids, pad).to(self.placement.device)  # [b, s]
-            attention = left_pad([[1] * len(r) for r in ids], 0).to(self.placement.device)
-            with torch.no_grad(), self.placement.autocast():
-                out = self.model.generate(input_ids=input_ids, attention_mask=attention, do_sample=False,
-                                          max_new_tokens=self.max_new_tokens, pad_token_id=pad)
-            replies += [self.tokenizer.decode(row[input_ids.shape[1]:], skip_special_tokens=True).strip() for row in out]
-            if progress is not None:
-                progress(len(chunk))
-        self.model.train(was_training)
+        try:
+            for i in range(0, len(prompts), self.batch_size):
+                chunk = prompts[i:i + self.batch_size]
+                ids = [tok.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True,
+                                               tokenize=True, return_dict=True)["input_ids"] for p in chunk]
+                input_ids = left_pad(ids, pad).to(self.placement.device)  # [b, s]
+                attention = left_pad([[1] * len(r) for r in ids], 0).to(self.placement.device)
+                with torch.no_grad(), self.placement.autocast():
+                    out = self.model.generate(input_ids=input_ids, attention_mask=attention, do_sample=False,
+                                              max_new_tokens=self.max_new_tokens, pad_token_id=pad)
+                for prompt_ids, row in zip(ids, out[:, input_ids.shape[1]:].tolist()):
+                    n = row.index(eos) + 1 if eos in row else len(row)
+                    replies.append((tok.decode(row[:n], skip_special_tokens=True).strip(), len(prompt_ids), n))
+                if progress is not None:
+                    progress(len(chunk))
+        finally:
+            self.model.train(was_training)
         return replies
 
 

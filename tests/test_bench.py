@@ -86,6 +86,8 @@ def test_compare_pairs_runs_and_plots(data_dir, tmp_path):
 def test_compare_pairwise_over_a_local_endpoint(data_dir, tmp_path, monkeypatch):
     from judge_server import JudgeServer
 
+    monkeypatch.setenv("KEMBED_CACHE_DIR", str(tmp_path / "cache"))  # the judge cache
+
     a, b = tmp_path / "a", tmp_path / "b"
     write_evaluation(a, "model-a", [True, True, True, False], GOOD)
     write_evaluation(b, "model-b", [True, True, False, False], {0: "I don't know.", 1: "I don't know."})
@@ -101,6 +103,30 @@ def test_compare_pairwise_over_a_local_endpoint(data_dir, tmp_path, monkeypatch)
         assert len(server.requests) == 4  # two shared questions, both orders
     saved = json.loads(next((tmp_path / "pw").glob("pairwise-*.json")).read_text())
     assert saved["stats"]["losses"] == 2 and saved["stats"]["wins"] == 0 and saved["order_flip_rate"] == 0.0
+
+
+def test_judge_rubric_over_a_local_endpoint(data_dir, tmp_path, monkeypatch):
+    from judge_server import JudgeServer
+
+    monkeypatch.setenv("KEMBED_CACHE_DIR", str(tmp_path / "cache"))
+    folder = tmp_path / "eval"
+    write_evaluation(folder, "model-a", [True, True, True, False], GOOD)
+    answer = json.dumps({"logical_clarity": 5, "factual_accuracy": 3, "unable_to_explain": False})
+    args = ["judge", folder, "--judge", "rubric", "--judge-url", None, "--judge-name", "gpt-test"]
+    with JudgeServer(default=lambda prompt: answer) as server:
+        args[5] = server.url
+        result = invoke(*args)
+        assert result.exit_code == 0, result.output
+        assert len(server.requests) == 3
+        assert invoke(*args, "--reparse").exit_code == 0 and len(server.requests) == 3  # from the cache
+    rows = read_judgments(folder)
+    assert len(rows) == 6 and {r["judge"] for r in rows} == {"rubric"} and rows[0]["score"] == 0.75
+    assert "model-a" not in result.output and "rationality 0.750" in result.output
+    own = tmp_path / "own"
+    write_evaluation(own, "smollm2-135m-instruct", [True, False, False, False], GOOD)
+    refused = invoke("judge", own, "--judge", "rubric", "--judge-url", server.url,
+                     "--judge-name", "HuggingFaceTB/SmolLM2-1.7B-Instruct")
+    assert refused.exit_code == 2 and "--allow-self-judge" in refused.output
 
 
 def test_config_check(data_dir):

@@ -69,30 +69,13 @@ class LocalBackend:
 
     def generate(self, prompts: list[str], done: Callable[[int, Completion], None]) -> None:
         """Generate a completion per prompt; ``done(index, completion)`` is called for each."""
-        import torch
+        from kembed.generation import LocalGenerator
 
-        from kembed.methods.common import left_pad
-
-        tok = self.tokenizer
-        pad, eos = tok.pad_token_id, tok.eos_token_id
-        was_training = self.model.training
-        self.model.eval()
-        try:
-            for start in range(0, len(prompts), self.batch_size):
-                chunk = prompts[start:start + self.batch_size]
-                ids = [tok.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True,
-                                               tokenize=True, return_dict=True)["input_ids"] for p in chunk]
-                input_ids = left_pad(ids, pad).to(self.placement.device)  # [b, s]
-                attention = left_pad([[1] * len(r) for r in ids], 0).to(self.placement.device)
-                with torch.no_grad(), self.placement.autocast():
-                    out = self.model.generate(input_ids=input_ids, attention_mask=attention, do_sample=False,
-                                              max_new_tokens=self.max_new_tokens, pad_token_id=pad)
-                for j, row in enumerate(out[:, input_ids.shape[1]:].tolist()):
-                    n = row.index(eos) + 1 if eos in row else len(row)  # generated tokens, up to eos
-                    text = tok.decode(row[:n], skip_special_tokens=True).strip()
-                    done(start + j, Completion(text, len(ids[j]), n))
-        finally:
-            self.model.train(was_training)
+        generator = LocalGenerator(self.model, self.tokenizer, self.placement, max_new_tokens=self.max_new_tokens,
+                                   batch_size=self.batch_size)
+        for start in range(0, len(prompts), self.batch_size):
+            for j, (text, n_prompt, n_out) in enumerate(generator.generate_counted(prompts[start:start + self.batch_size])):
+                done(start + j, Completion(text, n_prompt, n_out))
 
 
 class EndpointBackend:

@@ -1,48 +1,79 @@
 """The ``grounded`` judge: checks an explanation against the question's knowledge snippets with
-sentence embeddings and word overlap, no language model (it runs in CI).
+sentence embeddings (all-MiniLM-L6-v2 cosines, :func:`kembed.retrieval.encode`) and word overlap;
+no language model, so it runs in CI.
 
 Per explanation, in this order:
 
-1. Unable to explain (verdict ``unable``, score 0.0, ``unable=True``): the text is empty; it has
-   fewer than ``min_content_words`` content words (words outside the built-in stop-word list
-   :data:`STOP_WORDS`, which also holds the meta words "answer", "option", "correct", ...); it
-   matches a refusal pattern (:data:`REFUSALS`: "I cannot", "I'm not sure", "I don't know",
-   "as an AI", "cannot determine", "no information", ...); it loops (distinct word bigrams /
-   all word bigrams < ``loop_ratio``); or it only restates the choice (a share >=
-   ``restatement`` of its content words occur in the question or the chosen option).
-2. Records with no knowledge snippets: verdict ``no_knowledge``, score None, ``unable=False``
-   (an unable explanation of such a record keeps verdict ``unable`` and ``unable=True`` but also
-   gets score None). Score None is left out of the score's denominator by the caller: without
-   snippets there is nothing to ground the claims in.
-3. Consistency: the explanation's embedding must be closer (cosine) to the chosen option's
-   than to every other option's (margin > ``consistency_margin``; options are embedded as
-   ``"<question> <option>"``, see Calibration), and the explanation must not name another
-   option verbatim (case-insensitive whole-phrase match; options of <= 2 characters, options
-   without content words such as "None of the above", and options that occur inside the chosen
-   one are ignored). Otherwise verdict ``inconsistent``, score 0.0, ``unable=False``.
-4. Claims: the text is split into sentences, and sentences into clauses at "because",
-   "therefore", "thus", "since", "so that" and ";". A claim is dropped when it has fewer than 2
-   content words or restates the question: a share >= ``question_overlap`` of its content words
-   occur in the question or the chosen option (so "Therefore the answer is X." is a conclusion,
-   not a claim to check).
-5. Support of each claim: the snippets are split into sentences the same way (not into
-   clauses); ``cosine`` = the best all-MiniLM-L6-v2 cosine between the claim and any snippet
-   sentence; ``overlap`` = the share of the claim's content words found in that best-cosine
-   sentence (one piece of evidence, not words gathered over many sentences); ``numbers_ok`` =
-   every number in the claim (digit runs such as years and doses, thousands separators removed)
-   occurs in the snippets or the question. A claim is ``supported`` (1.0) when numbers_ok and
-   (cosine >= ``supported_cosine`` or (cosine >= ``supported_cosine_low`` and overlap >=
-   ``supported_overlap``)); ``weak`` (0.5) when numbers_ok and (cosine >= ``weak_cosine`` or
-   overlap >= ``weak_overlap``); else ``unsupported`` (0.0).
-6. Score = mean claim support of a consistent explanation (0 when no claim is left); verdict
+1. Unable to explain (verdict ``unable``, score 0.0, ``unable=True``), with ``details["reason"]``:
+   ``empty``; ``refusal`` (a pattern of :data:`REFUSALS`: "I cannot", "I'm not sure", "I don't
+   know", "as an AI", "cannot determine", "no information", "I'm sorry", ...); ``too_short``
+   (fewer than ``min_content_words`` content words); ``loop`` (distinct word bigrams / all word
+   bigrams < ``loop_ratio``); ``incoherent`` (at least ``incoherent_marks`` word-order marks: a
+   determiner followed by another function word or by punctuation, "the of", "an is"; a
+   preposition followed by an auxiliary, a conjunction, a subject pronoun or punctuation, "of
+   is"; a sentence starting with a lower-case letter; common abbreviations such as "e.g." are
+   skipped); ``restatement`` (a share >= ``restatement`` of its content words occur in the
+   question or the chosen option).
+2. Records without knowledge snippets: verdict ``no_knowledge``, score None, ``unable=False``
+   (an explanation that fails step 1 keeps verdict ``unable`` and ``unable=True``, but its score
+   is None too). Callers leave score None out of the score's denominator: without snippets there
+   is nothing to ground the claims in, and the unable rate stays measurable.
+3. Consistency (else verdict ``inconsistent``, score 0.0, ``unable=False``). The explanation
+   argues for another option when one of its claims (step 4, before any is dropped) names
+   another option verbatim without naming the chosen one (case-insensitive whole-phrase match;
+   options of <= 2 characters, options without content words such as "None of the above", and
+   options that occur inside the chosen one are ignored). Otherwise the embedding margin decides:
+   ``margin`` = cosine(explanation, chosen option) - max cosine(explanation, other option), each
+   option embedded alone. An explanation that names the chosen option verbatim must have
+   margin > -``named_tolerance`` (its meaning does not clearly point elsewhere); one that does
+   not name it must have margin > ``consistency_margin`` (closer to the chosen option than to
+   every other).
+4. Claims: the text split into sentences (at ., ! or ? followed by a space, and at newlines),
+   and sentences into clauses at "because", "therefore", "thus", "since", "so that" and ";".
+   A claim is dropped when it has fewer than 2 content words or restates the question (a share
+   >= ``question_overlap`` of its content words occur in the question). A conclusion such as
+   "the answer is X" stays: it is supported when X is in the snippets.
+5. Support of each claim: the snippets are split into sentences the same way (not into clauses);
+   ``cosine`` = the best MiniLM cosine between the claim and any snippet sentence; ``overlap`` =
+   the share of the claim's content words found in that best-cosine sentence (one piece of
+   evidence, not words gathered from many sentences); ``numbers_ok`` = every number in the claim
+   (digit runs such as years and doses; thousands separators removed) occurs in the snippets or
+   in the question. ``supported`` (1.0) when numbers_ok and (cosine >= ``supported_cosine`` or
+   (cosine >= ``supported_cosine_low`` and overlap >= ``supported_overlap``)); ``weak`` (0.5)
+   when numbers_ok and (cosine >= ``weak_cosine`` or overlap >= ``weak_overlap``); else
+   ``unsupported`` (0.0).
+6. Score of a consistent explanation = mean claim support (0.0 when no claim is left); verdict
    ``grounded`` when score >= ``grounded_at``, ``partial`` when >= ``partial_at``, else
    ``unsupported``.
 
-Words: lower-cased ``[a-z0-9]+`` runs (apostrophe suffixes dropped); for matching, a trailing
-plural "s" is removed from words longer than 3 letters (not "ss"/"us"/"is").
+Words: lower-cased ``[a-z0-9]+`` runs (an apostrophe suffix such as "'s" dropped); content words
+are those outside :data:`STOP_WORDS` (a small English list plus meta words such as "answer",
+"option", "correct") and single letters, with a plural "s" removed from words longer than 3
+letters (not "ss", "us", "is").
 
-Calibration (defaults; measured on the RLAG data, see the tests' perturbation suite):
-CALIBRATION_NOTES
+Calibration of the defaults (RLAG data, MiniLM on CPU):
+
+- Claim support, on 22 hand-written paraphrases of real snippet sentences (current-events test,
+  medical train) against 22 fluent claims on the same topics that the snippets do not state:
+  paraphrases reach cosine 0.37-0.91 (median 0.78), the unstated claims 0.06-0.74 (median 0.42);
+  content-word overlap medians 0.70 vs 0.17. With supported = cosine >= 0.65 or (cosine >= 0.5
+  and overlap >= 0.5) and weak = cosine >= 0.45 or overlap >= 0.5, paraphrases average 0.95
+  support (20 supported, 2 weak) and unstated claims 0.32 (4 supported, 6 weak); the looser
+  0.6 / 0.45 / 0.5 / 0.4 / 0.4 gave 0.95 vs 0.41.
+- Consistency, on 162 current-events test records (explanation = two snippet sentences +
+  "Therefore the answer is <gold>"): the embedding margin alone is noisy (a quarter of these
+  correct explanations have margin <= 0; date and number options embed almost alike), so
+  verbatim naming comes first. Embedding each option alone separated as well as "question +
+  option" (AUROC of the margin, correct vs chosen-set-to-a-distractor: 0.95 vs 0.97), and
+  "question + option" collapses on long medical vignettes (MiniLM reads 256 word pieces, so all
+  options embed alike). ``named_tolerance`` = 0.07: margins of correct explanations that name
+  their option are above -0.05 in 95 % of cases, while explanations whose evidence supports
+  another option often reach -0.1 to -0.3.
+- Word order: MiniLM cosines and word overlap cannot see shuffled words (shuffled paraphrases
+  score like the paraphrases), hence the ``incoherent`` marks: on those 162 explanations 141
+  have no mark, 18 one, 3 two; with their words shuffled, 95 % have two or more.
+- Measured perturbation AUROCs are in the tests (tests/test_grounded_judge.py); negation is a
+  known blind spot ("X is not Y" embeds like "X is Y").
 """
 
 from __future__ import annotations
@@ -58,16 +89,16 @@ VERSION = "1"
 DEFAULTS = {
     "min_content_words": 5,
     "loop_ratio": 0.5,
+    "incoherent_marks": 2,
     "restatement": 0.9,
     "question_overlap": 0.8,
-    "supported_cosine": 0.6,
-    "supported_cosine_low": 0.45,
+    "supported_cosine": 0.65,
+    "supported_cosine_low": 0.5,
     "supported_overlap": 0.5,
-    "weak_cosine": 0.4,
-    "weak_overlap": 0.4,
+    "weak_cosine": 0.45,
+    "weak_overlap": 0.5,
     "consistency_margin": 0.0,
-    "option_text": "option",
-    "ordered_overlap": True,
+    "named_tolerance": 0.07,
     "grounded_at": 0.75,
     "partial_at": 0.25,
 }
@@ -79,7 +110,7 @@ her here hers herself him himself his how however i if in into is it its itself 
 myself no nor not of off on once only or other our ours ourselves out over own same she should so some such
 than that the their theirs them themselves then there these they this those through to too under until up
 upon very was we were what when where which while who whom whose why will with within without would yet you
-your yours yourself yourselves may might must shall one ones which thus therefore hence because since
+your yours yourself yourselves may might must shall one ones thus therefore hence because since
 answer answers option options choice choices correct question questions
 """.split())
 
@@ -94,6 +125,15 @@ _WORD = re.compile(r"[a-z0-9]+(?:'[a-z]+)?")
 _NUMBER = re.compile(r"\d+(?:[.,]\d+)*")
 _SENTENCE = re.compile(r"(?<=[.!?])\s+|\n+")
 _CLAUSE = re.compile(r"\b(?:because|therefore|thus|since|so that)\b|;", re.IGNORECASE)
+_ABBREVIATIONS = re.compile(r"\b(?:e\.g|i\.e|vs|etc|cf|al|approx|ca|no|fig|dr|mr|mrs|ms|st)\.", re.IGNORECASE)
+# word-order marks (see the module docstring); "A" is left out: it is also an option label
+_DETERMINERS = {"the", "The", "a", "an", "An", "its", "Its", "their", "Their", "our", "your", "my"}
+_PREPOSITIONS = {"of", "in", "on", "at", "to", "for", "with", "by", "from", "into", "about", "between", "during"}
+_AUXILIARIES = {"is", "are", "was", "were", "has", "had", "will", "would", "can", "could", "does", "did",
+                "should", "may", "might", "must"}
+_CONJUNCTIONS = {"and", "or", "but", "because", "therefore", "thus", "so"}
+_PRONOUNS = {"he", "she", "they", "we"}
+_PUNCTUATION = {".", "!", "?", ";", ":", ","}
 
 
 def _words(text: str) -> list[str]:
@@ -106,8 +146,8 @@ def _stem(word: str) -> str:
 
 
 def content_words(text: str) -> list[str]:
-    """The content words of ``text``: its words outside :data:`STOP_WORDS` and single letters,
-    plural "s" removed, in order (repeats kept)."""
+    """The content words of ``text`` in order, repeats kept: its words outside
+    :data:`STOP_WORDS` and single letters, with a plural "s" removed."""
     return [_stem(w) for w in _words(text) if w not in STOP_WORDS and not (len(w) == 1 and w.isalpha())]
 
 
@@ -116,13 +156,13 @@ def _numbers(text: str) -> set[str]:
 
 
 def sentences(text: str) -> list[str]:
-    """``text`` split into sentences (at ., ! or ? followed by space, and at newlines), stripped,
-    empty ones removed."""
+    """``text`` split into sentences (at ., ! or ? followed by whitespace, and at newlines),
+    stripped, empty ones removed."""
     return [s.strip() for s in _SENTENCE.split(text) if s.strip()]
 
 
 def claims(text: str) -> list[str]:
-    """``text`` split into sentences and then into clauses at "because", "therefore", "thus",
+    """``text`` split into sentences, and those into clauses at "because", "therefore", "thus",
     "since", "so that" and ";" (stripped of surrounding punctuation, empty ones removed)."""
     out = []
     for sentence in sentences(text):
@@ -137,66 +177,83 @@ def _share(words: Sequence[str], vocabulary: set[str]) -> float:
     return sum(w in vocabulary for w in words) / len(words) if words else 0.0
 
 
-def _ordered_share(words: Sequence[str], reference: Sequence[str]) -> float:
-    """Share of ``words`` found in ``reference`` in the same order (longest common subsequence)."""
-    if not words or not reference:
-        return 0.0
-    row = [0] * (len(reference) + 1)
-    for w in words:
-        prev = 0
-        for j, r in enumerate(reference):
-            prev, row[j + 1] = row[j + 1], prev + 1 if w == r else max(row[j + 1], row[j])
-    return row[-1] / len(words)
-
-
 def _names_option(text: str, option: str) -> bool:
+    """Whether ``text`` contains ``option`` as a whole phrase (case and spacing ignored)."""
     phrase = " ".join(option.lower().split())
     return re.search(r"(?<!\w)" + re.escape(phrase) + r"(?!\w)", " ".join(text.lower().split())) is not None
 
 
+def incoherence_marks(text: str) -> int:
+    """Word-order marks of ``text`` (a count >= 0): determiners followed by a function word or
+    punctuation, prepositions followed by an auxiliary, conjunction, subject pronoun or
+    punctuation, and sentences that start with a lower-case letter. Fluent English has ~0;
+    shuffled words have several."""
+    text = _ABBREVIATIONS.sub(" ", text.replace("\u2019", "'"))
+    tokens = re.findall(r"[A-Za-z0-9]+(?:'[A-Za-z]+)?|[.!?;:,]", text)
+    marks = 0
+    for a, b in zip(tokens, tokens[1:] + ["."]):
+        low = b.lower()
+        if a in _DETERMINERS:
+            marks += (low in _DETERMINERS or low in _PREPOSITIONS or low in _AUXILIARIES or low in _CONJUNCTIONS
+                      or low in _PRONOUNS or low in {"that", "which"} or b in _PUNCTUATION)
+        elif a in _PREPOSITIONS:
+            marks += low in _AUXILIARIES or low in _CONJUNCTIONS or low in _PRONOUNS or b in _PUNCTUATION
+    return marks + len(re.findall(r"[.!?]\s+[a-z]", text))
+
+
 def unable_reason(item: ExplanationItem, settings: dict | None = None) -> str | None:
-    """Why ``item``'s explanation is unable to explain (``"empty"``, ``"too_short"``,
-    ``"refusal"``, ``"loop"``, ``"restatement"``), or None when it is not; thresholds from
-    ``settings`` (default :data:`DEFAULTS`)."""
+    """Why ``item``'s explanation is unable to explain its answer (``"empty"``, ``"refusal"``,
+    ``"too_short"``, ``"loop"``, ``"incoherent"``, ``"restatement"``; first that applies), or None.
+    Thresholds from ``settings`` (missing ones from :data:`DEFAULTS`)."""
     s = {**DEFAULTS, **(settings or {})}
     text = item.explanation.strip()
     if not text:
         return "empty"
+    if REFUSALS.search(text.replace("\u2019", "'")):
+        return "refusal"
     words = content_words(text)
     if len(words) < s["min_content_words"]:
         return "too_short"
-    if REFUSALS.search(text.replace("\u2019", "'")):
-        return "refusal"
     all_words = _words(text)
     bigrams = list(zip(all_words, all_words[1:]))
     if bigrams and len(set(bigrams)) / len(bigrams) < s["loop_ratio"]:
         return "loop"
+    if incoherence_marks(text) >= s["incoherent_marks"]:
+        return "incoherent"
     given = set(content_words(item.question)) | set(content_words(item.options[item.chosen]))
     if _share(words, given) >= s["restatement"]:
         return "restatement"
     return None
 
 
+def CONSISTENCY(named, m_expl, m_reasons, names_expl, names_reasons, s):
+    return not named and (m_reasons > -s["named_tolerance"] if names_reasons else m_reasons > s["consistency_margin"])
+
+
 class GroundedJudge:
-    """Judges explanations against the knowledge snippets with MiniLM embeddings and word overlap.
+    """Judges explanations against the knowledge snippets with MiniLM cosines and word overlap.
 
-    See the module docstring for the procedure, the verdicts and the calibration of the defaults.
+    The procedure, verdicts (``unable``, ``no_knowledge``, ``inconsistent``, ``unsupported``,
+    ``partial``, ``grounded``) and the calibration of the defaults are in the module docstring.
 
-    Args (keyword only; every one is recorded in ``settings``, so :func:`~kembed.judges.judge_key`
-    changes with them):
-        min_content_words: fewer content words than this is ``unable`` (default 5).
+    Args (keyword only; all of them are kept in ``settings``, so
+    :func:`~kembed.judges.judge_key` changes with them):
+        min_content_words: fewer content words is ``unable`` (default 5).
         loop_ratio: distinct / all word bigrams below this is a loop, ``unable`` (0.5).
-        restatement: share of content words in question + chosen option at or above which the
-            explanation is a bare restatement, ``unable`` (0.9).
-        question_overlap: share of a claim's content words in question + chosen option at or
-            above which the claim is dropped (0.8).
+        incoherent_marks: this many word-order marks or more is ``unable`` (2).
+        restatement: share of content words found in question + chosen option at or above which
+            the explanation is a bare restatement, ``unable`` (0.9).
+        question_overlap: share of a claim's content words found in the question at or above
+            which the claim is dropped (0.8).
         supported_cosine, supported_cosine_low, supported_overlap: a claim is supported when
-            cosine >= supported_cosine (0.6), or cosine >= supported_cosine_low (0.45) and
+            cosine >= supported_cosine (0.65), or cosine >= supported_cosine_low (0.5) and
             overlap >= supported_overlap (0.5).
-        weak_cosine, weak_overlap: otherwise weak when cosine >= weak_cosine (0.4) or overlap >=
-            weak_overlap (0.4).
-        consistency_margin: cosine(explanation, chosen) - max cosine(explanation, other option)
-            must exceed this (0.0).
+        weak_cosine, weak_overlap: otherwise weak when cosine >= weak_cosine (0.45) or overlap
+            >= weak_overlap (0.5).
+        consistency_margin: an explanation that does not name its chosen option must be closer
+            to it than to any other option by more than this (cosine difference; 0.0).
+        named_tolerance: one that names it may be closer to another option by less than this
+            (0.07).
         grounded_at, partial_at: score thresholds of the ``grounded`` (0.75) and ``partial``
             (0.25) verdicts.
 
@@ -216,36 +273,35 @@ class GroundedJudge:
     def judge(self, items: list[ExplanationItem], progress=None) -> list[Judgment]:
         """One judgment per item, in order.
 
-        All texts (explanations, options, claims, snippet sentences; duplicates once) are embedded
-        in one batched :func:`kembed.retrieval.encode` call; ``progress`` (optional) is called
-        with 1 after each item.
+        Every text needed (explanations, options, claims, snippet sentences; each distinct text
+        once) is embedded in one batched :func:`kembed.retrieval.encode` call. ``progress``
+        (optional) is called with 1 after each item.
 
         Raises:
-            KembedError: the MiniLM weights are not installed (see :func:`kembed.retrieval.encode`).
+            KembedError: the MiniLM weights are not installed (:func:`kembed.retrieval.encode`).
         """
         from kembed.retrieval import encode
 
         s = self.settings
-        plans = []
         texts: dict[str, int] = {}
 
         def slot(text: str) -> int:
             return texts.setdefault(text, len(texts))
 
+        plans = []
         for item in items:
             plan = {"reason": unable_reason(item, s)}
             if plan["reason"] is None and item.knowledge:
-                given = set(content_words(item.question)) | set(content_words(item.options[item.chosen]))
+                question = set(content_words(item.question))
+                choice = set(content_words(item.options[item.chosen]))
                 every = claims(item.explanation)
-                kept = [c for c in every
-                        if len(content_words(c)) >= 2 and _share(content_words(c), given) < s["question_overlap"]]
-                evidence = " ".join(kept) or item.explanation
-                option_texts = [o if s["option_text"] == "option" else f"{item.question} {o}" for o in item.options]
-                plan.update(
-                    every=every, evidence=(evidence, slot(evidence)),
-                    options=[slot(t) for t in option_texts],
-                    claims=[(c, slot(c)) for c in kept],
-                    sentences=[(t, slot(t)) for k in item.knowledge for t in sentences(k)])
+                kept = [c for c in every if len(content_words(c)) >= 2
+                        and _share(content_words(c), question) < s["question_overlap"]
+                        and _share(content_words(c), choice) < s["question_overlap"]]
+                reasons = " ".join(kept) or item.explanation
+                plan.update(every=every, reasons=(reasons, slot(reasons)), explanation=slot(item.explanation),
+                            options=[slot(o) for o in item.options], claims=[(c, slot(c)) for c in kept],
+                            sentences=[(t, slot(t)) for k in item.knowledge for t in sentences(k)])
             plans.append(plan)
         vectors = encode(list(texts))
         out = []
@@ -265,33 +321,33 @@ class GroundedJudge:
             return make("unable", 0.0 if item.knowledge else None, True, {"reason": plan["reason"]})
         if not item.knowledge:
             return make("no_knowledge", None, False, {})
-        # consistency: the evidence points to the chosen option, no claim argues for another one
+
         chosen = item.options[item.chosen]
-        evidence, e = plan["evidence"]
-        option_cos = [float(vectors[i] @ vectors[e]) for i in plan["options"]]
-        others = [c for j, c in enumerate(option_cos) if j != item.chosen]
-        margin = option_cos[item.chosen] - max(others) if others else 1.0
+        reasons, r = plan["reasons"]
+
+        def margin(vector) -> float:
+            cos = [float(vectors[i] @ vector) for i in plan["options"]]
+            return cos[item.chosen] - max((c for j, c in enumerate(cos) if j != item.chosen), default=-1.0)
+
+        m_expl, m_reasons = margin(vectors[plan["explanation"]]), margin(vectors[r])
         rivals = [o for j, o in enumerate(item.options) if j != item.chosen and len(o.strip()) > 2
                   and content_words(o) and o.strip().lower() not in chosen.lower()]
-        named = sorted({o for c in plan["every"] if not _names_option(c, chosen)
-                        for o in rivals if _names_option(c, o)})
-        names_chosen = _names_option(evidence, chosen)
-        consistency = {"option_cosines": [round(c, 4) for c in option_cos], "margin": round(margin, 4),
-                       "evidence_names_chosen": names_chosen, "names_other_options": named}
-        # claims
+        named = sorted({o for c in plan["every"] if not _names_option(c, chosen) for o in rivals if _names_option(c, o)})
+        names_expl, names_reasons = _names_option(item.explanation, chosen), _names_option(reasons, chosen)
+        consistent = CONSISTENCY(named, m_expl, m_reasons, names_expl, names_reasons, s)
+        consistency = {"margin": round(m_expl, 4), "reasons_margin": round(m_reasons, 4), "names_chosen": names_expl,
+                       "reasons_name_chosen": names_reasons, "names_other_options": named, "consistent": consistent}
+
         allowed_numbers = _numbers(" ".join(item.knowledge)) | _numbers(item.question)
-        sent_vecs = vectors[[i for _, i in plan["sentences"]]] if plan["sentences"] else None
-        claim_rows = []
+        sentence_vectors = vectors[[i for _, i in plan["sentences"]]] if plan["sentences"] else None
+        rows = []
         for claim, i in plan["claims"]:
-            words = content_words(claim)
-            if sent_vecs is None:
-                cos, overlap, best = 0.0, 0.0, ""
-            else:
-                sims = sent_vecs @ vectors[i]
+            cos, overlap, best = 0.0, 0.0, ""
+            if sentence_vectors is not None:
+                sims = sentence_vectors @ vectors[i]
                 j = int(sims.argmax())
                 cos, best = float(sims[j]), plan["sentences"][j][0]
-                overlap = (_ordered_share(words, content_words(best)) if s["ordered_overlap"]
-                           else _share(words, set(content_words(best))))
+                overlap = _share(content_words(claim), set(content_words(best)))
             numbers_ok = _numbers(claim) <= allowed_numbers
             if numbers_ok and (cos >= s["supported_cosine"]
                                or (cos >= s["supported_cosine_low"] and overlap >= s["supported_overlap"])):
@@ -300,21 +356,20 @@ class GroundedJudge:
                 label, support = "weak", 0.5
             else:
                 label, support = "unsupported", 0.0
-            claim_rows.append({"claim": claim, "cosine": round(cos, 4), "overlap": round(overlap, 4),
-                               "numbers_ok": numbers_ok, "label": label, "support": support, "evidence": best})
-        support = sum(r["support"] for r in claim_rows) / len(claim_rows) if claim_rows else 0.0
-        details = {"claims": claim_rows, "support": support, "consistency": consistency}
-        if named or not (names_chosen or margin > s["consistency_margin"]):
+            rows.append({"claim": claim, "cosine": round(cos, 4), "overlap": round(overlap, 4),
+                         "numbers_ok": numbers_ok, "label": label, "support": support, "evidence": best})
+        support = sum(r["support"] for r in rows) / len(rows) if rows else 0.0
+        details = {"claims": rows, "support": support, "consistency": consistency}
+        if not consistent:
             return make("inconsistent", 0.0, False, details)
-        verdict = ("grounded" if support >= s["grounded_at"] else "partial" if support >= s["partial_at"]
-                   else "unsupported")
+        verdict = "grounded" if support >= s["grounded_at"] else "partial" if support >= s["partial_at"] else "unsupported"
         return make(verdict, support, False, details)
 
 
 def auroc(positives: Sequence[float], negatives: Sequence[float]) -> float:
-    """Area under the ROC curve: the probability that a random ``positives`` score (e.g. an
-    original explanation's) is above a random ``negatives`` score (a perturbed one's), ties
-    counting 0.5. Pure Python, O(n*m).
+    """Area under the ROC curve in [0, 1]: the probability that a random ``positives`` score
+    (e.g. an original explanation's) is above a random ``negatives`` score (a perturbed one's),
+    ties counting 0.5. Pure Python, O(len(positives) * len(negatives)).
 
     Raises:
         ValueError: either list is empty.
