@@ -233,33 +233,79 @@ def plan(suite: Suite, out: Path, seeds: int | None = None, data_dir: str | None
     return steps, models
 
 
-def execute(steps: list[Step], console, log_dir: Path) -> list[dict]:
-    """Run the steps in order, skipping those already done and those whose needs failed.
+def execute(steps: list[Step], console, log_dir: Path, jobs: int = 1) -> list[dict]:
+    """Run the steps, skipping those already done and those whose needs failed.
 
-    Each step's output goes to the console and to ``log_dir/<n>.log``... it is kept simple: the
-    subprocess inherits the console. Returns the failures: ``{"step", "returncode"}`` or
-    ``{"step", "blocked_by"}``.
+    With ``jobs`` = 1 the steps run one after the other in order, their output on the console.
+    With more, up to ``jobs`` steps run at once (each started in order as soon as its needs have
+    succeeded), each with ``OMP_NUM_THREADS`` = CPU cores // jobs and its output in
+    ``log_dir/logs/<step>.log``.
+
+    Returns:
+        The failures: ``{"step", "returncode"}``, or ``{"step", "blocked_by"}`` for a step skipped
+        because a step it needs failed.
     """
-    failed: dict[str, str] = {}
-    failures = []
+    import os
+    import re
+
+    env = dict(os.environ)
+    if jobs > 1:
+        env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // jobs))
+        (log_dir / "logs").mkdir(parents=True, exist_ok=True)
+    failed: set[str] = set()
+    succeeded: set[str] = set()
+    failures: list[dict] = []
+    pending = list(enumerate(steps, 1))
+    running: dict[str, tuple] = {}
     start = time.time()
-    for i, step in enumerate(steps, 1):
-        head = f"[bold]bench {i}/{len(steps)}[/] {step.label}"
-        blocked = [n for n in step.needs if n in failed]
-        if blocked:
-            failed[step.label] = "blocked"
-            failures.append({"step": step.label, "blocked_by": blocked[0]})
-            console.print(f"{head}: [yellow]skipped[/] ({blocked[0]} failed)")
-            continue
-        if step.done():
-            console.print(f"{head}: done before", highlight=False)
-            continue
-        console.print(f"{head} ({time.time() - start:.0f}s elapsed)", highlight=False)
-        rc = subprocess.call(step.argv())
-        if rc != 0:
-            failed[step.label] = "failed"
-            failures.append({"step": step.label, "returncode": rc})
-            console.print(f"[red]failed[/] {step.label} (exit {rc}); going on with the rest")
+
+    def finish(step: Step, rc: int) -> None:
+        if rc == 0:
+            succeeded.add(step.label)
+            return
+        failed.add(step.label)
+        failures.append({"step": step.label, "returncode": rc})
+        console.print(f"[red]failed[/] {step.label} (exit {rc}); going on with the rest")
+
+    while pending or running:
+        before = len(pending)
+        for item in list(pending):
+            i, step = item
+            head = f"[bold]bench {i}/{len(steps)}[/] {step.label}"
+            blocked = [n for n in step.needs if n in failed]
+            if blocked:
+                pending.remove(item)
+                failed.add(step.label)
+                failures.append({"step": step.label, "blocked_by": blocked[0]})
+                console.print(f"{head}: [yellow]skipped[/] ({blocked[0]} failed)")
+            elif all(n in succeeded for n in step.needs) and len(running) < jobs:
+                pending.remove(item)
+                if step.done():
+                    succeeded.add(step.label)
+                    console.print(f"{head}: done before", highlight=False)
+                    continue
+                console.print(f"{head} ({time.time() - start:.0f}s elapsed)", highlight=False)
+                if jobs == 1:
+                    finish(step, subprocess.call(step.argv()))
+                    break  # in order: look at the next step only now
+                log = open(log_dir / "logs" / (re.sub(r"[^A-Za-z0-9._-]+", "-", step.label).strip("-") + ".log"), "a")
+                running[step.label] = (subprocess.Popen(step.argv(), stdout=log, stderr=subprocess.STDOUT, env=env),
+                                       step, log)
+            elif jobs == 1:
+                break
+        for label, (proc, step, log) in list(running.items()):
+            if proc.poll() is not None:
+                log.close()
+                del running[label]
+                console.print(f"finished {label} (exit {proc.returncode}, {time.time() - start:.0f}s elapsed)",
+                              highlight=False)
+                finish(step, proc.returncode)
+        if running:
+            time.sleep(1)
+        elif pending and len(pending) == before:  # needs that no step provides: nothing can start
+            for i, step in pending:
+                failures.append({"step": step.label, "blocked_by": next(n for n in step.needs if n not in succeeded)})
+            break
     return failures
 
 
@@ -571,7 +617,7 @@ def write_report(suite: Suite, rows: list[dict], failures: list[dict], results_d
 
 
 def run_suite(suite: Suite, *, out: Path, results_dir: Path, seeds: int | None = None, data_dir: str | None = None,
-              console=None) -> tuple[Path, list[dict]]:
+              jobs: int = 1, console=None) -> tuple[Path, list[dict]]:
     """Plan, execute and report a suite; returns ``(results.md, failures)``.
 
     The wall time of every invocation is appended to ``out/bench-invocations.jsonl``, so that the
@@ -583,7 +629,7 @@ def run_suite(suite: Suite, *, out: Path, results_dir: Path, seeds: int | None =
     steps, models = plan(suite, out, seeds, data_dir)
     out.mkdir(parents=True, exist_ok=True)
     start = time.time()
-    failures = execute(steps, console, out)
+    failures = execute(steps, console, out, jobs)
     log = out / "bench-invocations.jsonl"
     with log.open("a") as f:
         f.write(json.dumps({"started": datetime.fromtimestamp(start, timezone.utc).isoformat(timespec="seconds"),

@@ -209,3 +209,23 @@ def test_seeds_train_one_run_each_and_report_the_spread(data_dir, tiny_model_dir
     assert len({a[a.index("--output") + 1] for a in trains}) == 2  # one run directory per seed
     rows = [{"domain": "d", "method": "sft", "evals": {"closed-book-raw": {"accuracy": acc}}} for acc in (0.2, 0.3)]
     assert seed_spread(rows, ["closed-book-raw"]) == [["d", "sft", "closed-book-raw", "2", "25.0", "20.0", "30.0"]]
+
+
+def test_parallel_jobs_respect_needs(tmp_path):
+    from rich.console import Console
+
+    py, ran = sys.executable, tmp_path / "ran"
+    ran.mkdir()
+    order = ran / "order"
+
+    def append(name, delay=0.0):
+        return lambda: [py, "-c", f"import time; time.sleep({delay}); open({str(order)!r}, 'a').write('{name} ')"]
+
+    steps = [Step("train a", append("a", 1.0)), Step("train b", append("b")),
+             Step("eval a", append("ea"), needs=["train a"]), Step("bad", lambda: [py, "-c", "raise SystemExit(5)"]),
+             Step("after bad", append("x"), needs=["bad"]), Step("orphan", append("o"), needs=["no such step"])]
+    failures = execute(steps, Console(file=open(tmp_path / "log", "w")), tmp_path, jobs=2)
+    assert order.read_text().split() == ["b", "a", "ea"]  # b ran beside the slow a; ea waited for a
+    assert {"step": "bad", "returncode": 5} in failures and {"step": "after bad", "blocked_by": "bad"} in failures
+    assert {"step": "orphan", "blocked_by": "no such step"} in failures
+    assert (tmp_path / "logs" / "train-a.log").is_file()
