@@ -233,13 +233,15 @@ def plan(suite: Suite, out: Path, seeds: int | None = None, data_dir: str | None
     return steps, models
 
 
-def execute(steps: list[Step], console, log_dir: Path, jobs: int = 1) -> list[dict]:
+def execute(steps: list[Step], console, log_dir: Path, jobs: int = 1, on_step_end=None) -> list[dict]:
     """Run the steps, skipping those already done and those whose needs failed.
 
     With ``jobs`` = 1 the steps run one after the other in order, their output on the console.
     With more, up to ``jobs`` steps run at once (each started in order as soon as its needs have
     succeeded), each with ``OMP_NUM_THREADS`` = CPU cores // jobs and its output in
     ``log_dir/logs/<step>.log``.
+
+    ``on_step_end()`` is called after each step that ran.
 
     Returns:
         The failures: ``{"step", "returncode"}``, or ``{"step", "blocked_by"}`` for a step skipped
@@ -260,6 +262,8 @@ def execute(steps: list[Step], console, log_dir: Path, jobs: int = 1) -> list[di
     start = time.time()
 
     def finish(step: Step, rc: int) -> None:
+        if on_step_end is not None:
+            on_step_end()
         if rc == 0:
             succeeded.add(step.label)
             return
@@ -585,8 +589,9 @@ def write_report(suite: Suite, rows: list[dict], failures: list[dict], results_d
     write_json(results_dir / "results.json", {**meta, "rows": rows})
     plots = plot(rows, labels, results_dir)
     lines = [f"# Benchmark suite `{suite.name}`", "", suite.description, "",
-             f"- command: `{meta['command']}` (`make bench` for the quick suite), {len(invocations)} invocation(s), "
-             f"{meta['bench_seconds'] / 60:.0f} min of bench wall time in all",
+             f"- command: `{meta['command']}` (`make bench` for the quick suite: `--jobs 2`); "
+             f"{len(invocations)} invocation(s) ({sum(not i.get('finished', True) for i in invocations)} interrupted "
+             f"and resumed), {meta['bench_seconds'] / 60:.0f} min of bench wall time in all",
              f"- date: {meta['date']}; commit: {meta['commit']}; machine: {meta['machine']}",
              f"- accuracy: `{SCORER}` option scoring on the {suite.split} split; 95% CIs bootstrap over questions; "
              "\"vs base\": the paired difference to the base model on the same questions (paired bootstrap 95% CI) "
@@ -620,21 +625,32 @@ def run_suite(suite: Suite, *, out: Path, results_dir: Path, seeds: int | None =
               jobs: int = 1, console=None) -> tuple[Path, list[dict]]:
     """Plan, execute and report a suite; returns ``(results.md, failures)``.
 
-    The wall time of every invocation is appended to ``out/bench-invocations.jsonl``, so that the
-    report states the total over resumed invocations.
+    Every invocation keeps a record in ``out/bench-invocations.jsonl`` (start, wall seconds so
+    far, steps run, whether it finished), updated after each step, so that the report states the
+    total over resumed invocations, an interrupted one included up to its last finished step.
     """
     from rich.console import Console
+
+    from kembed.runs import write_atomic
 
     console = console or Console()
     steps, models = plan(suite, out, seeds, data_dir)
     out.mkdir(parents=True, exist_ok=True)
-    start = time.time()
-    failures = execute(steps, console, out, jobs)
     log = out / "bench-invocations.jsonl"
-    with log.open("a") as f:
-        f.write(json.dumps({"started": datetime.fromtimestamp(start, timezone.utc).isoformat(timespec="seconds"),
-                            "seconds": round(time.time() - start, 1), "steps": len(steps),
-                            "failures": len(failures)}) + "\n")
+    earlier = log.read_text().splitlines() if log.is_file() else []
+    start = time.time()
+    record = {"started": datetime.fromtimestamp(start, timezone.utc).isoformat(timespec="seconds"), "jobs": jobs,
+              "seconds": 0.0, "steps_run": 0, "finished": False}
+
+    def save(step_ran: bool = True) -> None:
+        record["seconds"] = round(time.time() - start, 1)
+        record["steps_run"] += step_ran
+        write_atomic(log, "\n".join([*earlier, json.dumps(record)]) + "\n")
+
+    save(False)
+    failures = execute(steps, console, out, jobs, on_step_end=save)
+    record["finished"] = True
+    save(False)
     invocations = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
     rows = collect(models)
     report = write_report(suite, rows, failures, results_dir, invocations)

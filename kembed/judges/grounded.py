@@ -98,7 +98,8 @@ DEFAULTS = {
     "weak_cosine": 0.45,
     "weak_overlap": 0.5,
     "consistency_margin": 0.0,
-    "named_tolerance": 0.07,
+    "named_tolerance": 0.1,
+    "reasons_tolerance": 0.2,
     "grounded_at": 0.75,
     "partial_at": 0.25,
 }
@@ -226,10 +227,6 @@ def unable_reason(item: ExplanationItem, settings: dict | None = None) -> str | 
     return None
 
 
-def CONSISTENCY(named, m_expl, m_reasons, names_expl, names_reasons, s):
-    return not named and (m_reasons > -s["named_tolerance"] if names_reasons else m_reasons > s["consistency_margin"])
-
-
 class GroundedJudge:
     """Judges explanations against the knowledge snippets with MiniLM cosines and word overlap.
 
@@ -334,7 +331,9 @@ class GroundedJudge:
                   and content_words(o) and o.strip().lower() not in chosen.lower()]
         named = sorted({o for c in plan["every"] if not _names_option(c, chosen) for o in rivals if _names_option(c, o)})
         names_expl, names_reasons = _names_option(item.explanation, chosen), _names_option(reasons, chosen)
-        consistent = CONSISTENCY(named, m_expl, m_reasons, names_expl, names_reasons, s)
+        consistent = (not named
+                      and (m_expl > -s["named_tolerance"] if names_expl else m_expl > s["consistency_margin"])
+                      and (names_reasons or m_reasons > -s["reasons_tolerance"]))
         consistency = {"margin": round(m_expl, 4), "reasons_margin": round(m_reasons, 4), "names_chosen": names_expl,
                        "reasons_name_chosen": names_reasons, "names_other_options": named, "consistent": consistent}
 
