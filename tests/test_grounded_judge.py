@@ -1,5 +1,5 @@
 """The ``grounded`` judge: hand-written explanations of a made-up item, and a perturbation suite on
-real RLAG records (skipped when the data is absent). MiniLM runs on CPU; the suite takes ~30 s."""
+real RLAG records (skipped when the data is absent). MiniLM runs on CPU; the file takes ~40 s."""
 
 from __future__ import annotations
 
@@ -23,7 +23,8 @@ QUESTION = "Which drug is first-line treatment for Velmar fever in adults?"
 OPTIONS = ("Tolarin", "Brivadex", "Quenamycin", "Palvix")
 KNOWLEDGE = (
     "Velmar fever is a tick-borne infection caused by the bacterium Rickettsia velmari. "
-    "Quenamycin is the first-line treatment for Velmar fever in adults, given orally at 200 mg twice daily for seven days.",
+    "Quenamycin is the first-line treatment for Velmar fever in adults, given orally at 200 mg twice daily "
+    "for seven days.",
     "Quenamycin blocks bacterial protein synthesis by binding the 30S ribosomal subunit.",
     "Tolarin is an antiviral drug and has no activity against rickettsial bacteria.",
 )
@@ -47,8 +48,8 @@ def test_hand_written_explanations(judge):
     texts = {
         "grounded": GROUNDED,
         "other_option": "Tolarin is the best choice, since Tolarin is a widely used drug against fevers of many kinds.",
-        "ungrounded": ("Quenamycin was discovered in a Swiss laboratory in the 1960s and is sold in blue capsules. "
-                       "Pharmacists recommend storing it at room temperature away from sunlight."),
+        "ungrounded": ("Quenamycin is cheap and easy to find in most pharmacies, and many patients prefer its taste. "
+                       "Doctors often choose it for travellers because it comes in small blue capsules."),
         "refusal": "I'm sorry, I cannot explain this.",
         "empty": "   ",
         "loop": "Quenamycin treats the fever. " * 8,
@@ -72,7 +73,8 @@ def test_hand_written_explanations(judge):
     assert bad.details["consistency"]["names_other_options"] == ["Tolarin"]
 
     ungrounded = out["ungrounded"]
-    assert ungrounded.verdict in ("unsupported", "partial") and ungrounded.score <= 0.5, ungrounded.details
+    assert ungrounded.verdict in ("unsupported", "partial") and ungrounded.score <= 0.3, ungrounded.details
+    assert ungrounded.details["consistency"]["consistent"] is True
 
     for name, reason in (("refusal", "refusal"), ("empty", "empty"), ("loop", "loop"), ("restatement", "restatement")):
         j = out[name]
@@ -80,9 +82,11 @@ def test_hand_written_explanations(judge):
 
 
 def test_explaining_the_item_as_if_another_option_was_chosen_is_inconsistent(judge):
-    # the grounded text, judged as the explanation of Palvix (it never names Palvix and is about Quenamycin)
+    # the grounded text judged as the explanation of Palvix: it argues for Quenamycin and never names Palvix
     [j] = judge.judge([made_up(GROUNDED, chosen=3)])
-    assert j.verdict == "inconsistent" and j.details["consistency"]["margin"] < 0
+    assert (j.verdict, j.score, j.unable) == ("inconsistent", 0.0, False)
+    assert j.details["consistency"]["names_other_options"] == ["Quenamycin"]
+    assert j.details["consistency"]["margin"] < 0
 
 
 def test_a_number_missing_from_the_snippets_makes_a_claim_unsupported(judge):
@@ -183,6 +187,9 @@ def suite():
     truncated: the original's first TRUNCATE_WORDS words.
     shuffled: the original's words in a random order (seeded).
     negated: "not" inserted after the first auxiliary of each evidence sentence.
+
+    Measured when written (60 records): other_question 0.99, swapped_choice 0.86, mismatch 0.99,
+    truncated 0.88 (0.85 with the first 8 words), shuffled 0.99, negated 0.50.
     """
     if not HAS_DATA:
         pytest.skip(f"RLAG data not found at {DATA}")
@@ -206,13 +213,10 @@ def suite():
         "negated": [_item(r, " ".join(_negate(t) for t in ev) + f" Therefore the answer is {r.answer}.")
                     for r, ev in zip(records, evidence)],
     }
-    flat = [it for items in sets.values() for it in items]
-    judgments = GroundedJudge().judge(flat)
-    scores, start = {}, 0
-    for name, items in sets.items():
-        scores[name] = [j.score for j in judgments[start:start + len(items)]]
-        start += len(items)
-    verdicts = {name: [j.verdict for j in judgments[i * n:(i + 1) * n]] for i, name in enumerate(sets)}
+    judgments = GroundedJudge().judge([it for items in sets.values() for it in items])  # one encode call
+    chunks = {name: judgments[i * n:(i + 1) * n] for i, name in enumerate(sets)}
+    scores = {name: [j.score for j in js] for name, js in chunks.items()}
+    verdicts = {name: [j.verdict for j in js] for name, js in chunks.items()}
     aurocs = {name: auroc(scores["original"], s) for name, s in scores.items() if name != "original"}
     print("\ngrounded-judge AUROC (original vs perturbed):", {k: round(v, 3) for k, v in aurocs.items()})
     return {"scores": scores, "verdicts": verdicts, "auroc": aurocs}
