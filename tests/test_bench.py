@@ -229,3 +229,11 @@ def test_parallel_jobs_respect_needs(tmp_path):
     assert {"step": "bad", "returncode": 5} in failures and {"step": "after bad", "blocked_by": "bad"} in failures
     assert {"step": "orphan", "blocked_by": "no such step"} in failures
     assert (tmp_path / "logs" / "train-a.log").is_file()
+
+
+@pytest.mark.parametrize("name", ["quick", "standard", "paper"])
+def test_shipped_suites_plan(name, tmp_path):
+    suite = load_suite(name)
+    steps, models = plan(suite, tmp_path)
+    assert sum(s.label.endswith(": train") for s in steps) == len(suite.methods) * len(suite.domains) * len(suite.seeds or [0])
+    assert {m.domain for m in models} == set(suite.domains)
