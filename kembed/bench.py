@@ -69,7 +69,8 @@ class Suite(Strict):
         explain_max_new_tokens: explanation length budget (tokens).
         judges: judges of the explanations (``grounded``; ``rubric`` needs ``judge_model`` or
             ``judge_url``).
-        judge_model, judge_url, judge_key_env: the language-model judge.
+        judge_model, judge_url, judge_name, judge_key_env: the language-model judge (a local
+            model; or an endpoint, the model name it serves, and the variable holding its key).
     """
 
     name: str
@@ -87,6 +88,7 @@ class Suite(Strict):
     judges: list[str] = ["grounded"]
     judge_model: str | None = None
     judge_url: str | None = None
+    judge_name: str | None = None
     judge_key_env: str | None = None
 
 
@@ -195,7 +197,8 @@ def plan(suite: Suite, out: Path, seeds: int | None = None, data_dir: str | None
                 argv = [*kembed, "judge", str(folder), "--judge", judge, *data]
                 if judge != "grounded":
                     argv += (["--judge-model", suite.judge_model] if suite.judge_model else []) + \
-                            (["--judge-url", suite.judge_url] if suite.judge_url else []) + \
+                            (["--judge-url", suite.judge_url, "--judge-name", suite.judge_name or ""]
+                             if suite.judge_url else []) + \
                             (["--judge-key-env", suite.judge_key_env] if suite.judge_key_env else [])
                 steps.append(Step(f"{entry.domain} {entry.name}: judge {judge} {spec.label}", lambda a=argv: a,
                                   needs=[f"{entry.domain} {entry.name}: explain {spec.label}"]))
@@ -207,8 +210,8 @@ def plan(suite: Suite, out: Path, seeds: int | None = None, data_dir: str | None
         add_model_steps(base, [])
         for method in suite.methods:
             overrides = [*suite.overrides.get("all", []), *suite.overrides.get(method, [])]
-            run_cfg, _, resolved = prepare_config(method, suite.recipes.get(method), overrides, domain=domain,
-                                                  data_dir=data_dir)
+            run_cfg, _, _ = prepare_config(method, suite.recipes.get(method), overrides, domain=domain,
+                                           data_dir=data_dir)
             if run_cfg.model != suite.model:
                 raise ConfigError(f"suite {suite.name}: the {method} recipe trains {run_cfg.model}, "
                                   f"not the suite's base model {suite.model}")
