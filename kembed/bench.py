@@ -309,10 +309,14 @@ def execute(steps: list[Step], console, log_dir: Path, jobs: int = 1, on_step_en
                 finish(step, proc.returncode)
         if running:
             time.sleep(1)
-        elif pending and len(pending) == before:  # needs that no step provides: nothing can start
-            for i, step in pending:
-                failures.append({"step": step.label, "blocked_by": next(n for n in step.needs if n not in succeeded)})
-            break
+        elif pending and len(pending) == before:  # needs that no step provides: those steps never start
+            stuck = [item for item in pending if any(n not in succeeded for n in item[1].needs)]
+            for item in stuck:
+                pending.remove(item)
+                failed.add(item[1].label)
+                failures.append({"step": item[1].label, "blocked_by": next(n for n in item[1].needs if n not in succeeded)})
+            if not stuck:
+                break
     return failures
 
 

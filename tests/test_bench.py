@@ -225,7 +225,9 @@ def test_parallel_jobs_respect_needs(tmp_path):
              Step("eval a", append("ea"), needs=["train a"]), Step("bad", lambda: [py, "-c", "raise SystemExit(5)"]),
              Step("after bad", append("x"), needs=["bad"]), Step("orphan", append("o"), needs=["no such step"])]
     failures = execute(steps, Console(file=open(tmp_path / "log", "w")), tmp_path, jobs=2)
-    assert order.read_text().split() == ["b", "a", "ea"]  # b ran beside the slow a; ea waited for a
+    assert execute([Step("orphan", append("o"), needs=["no such step"]), Step("free", append("f"))],
+                   Console(file=open(tmp_path / "log", "w")), tmp_path) == [{"step": "orphan", "blocked_by": "no such step"}]
+    assert order.read_text().split() == ["b", "a", "ea", "f"]  # b ran beside the slow a; ea waited for a
     assert {"step": "bad", "returncode": 5} in failures and {"step": "after bad", "blocked_by": "bad"} in failures
     assert {"step": "orphan", "blocked_by": "no such step"} in failures
     assert (tmp_path / "logs" / "train-a.log").is_file()
