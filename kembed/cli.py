@@ -207,6 +207,11 @@ def judge(folders: list[Path] = typer.Argument(..., help="Evaluation directories
         console.print(f"{folder}: {judge_name} rationality {score} over {summary['scored']} explanations; "
                       f"unable to explain {summary['unable']}/{summary['n'] - summary['judge_failed']}; "
                       f"judge failed {summary['judge_failed']}", highlight=False)
+    client = getattr(judge_obj, "client", None)
+    if client is not None:
+        u = client.usage
+        console.print(f"judge calls: {u['requests']} requests, {u['cache_hits']} from the cache, "
+                      f"{u['prompt_tokens']} prompt + {u['completion_tokens']} completion tokens")
 
 
 @app.command()

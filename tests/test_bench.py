@@ -121,7 +121,7 @@ def test_judge_rubric_over_a_local_endpoint(data_dir, tmp_path, monkeypatch):
         assert invoke(*args, "--reparse").exit_code == 0 and len(server.requests) == 3  # from the cache
     rows = read_judgments(folder)
     assert len(rows) == 6 and {r["judge"] for r in rows} == {"rubric"} and rows[0]["score"] == 0.75
-    assert "model-a" not in result.output and "rationality 0.750" in result.output
+    assert "rationality 0.750" in result.output and "3 requests, 0 from the cache, 30 prompt + 15" in result.output
     own = tmp_path / "own"
     write_evaluation(own, "smollm2-135m-instruct", [True, False, False, False], GOOD)
     refused = invoke("judge", own, "--judge", "rubric", "--judge-url", server.url,
