@@ -300,8 +300,10 @@ def execute(steps: list[Step], console, log_dir: Path, jobs: int = 1, on_step_en
                                        step, log)
             elif jobs == 1:
                 break
+        ended = False
         for label, (proc, step, log) in list(running.items()):
             if proc.poll() is not None:
+                ended = True
                 log.close()
                 del running[label]
                 console.print(f"finished {label} (exit {proc.returncode}, {time.time() - start:.0f}s elapsed)",
@@ -309,7 +311,7 @@ def execute(steps: list[Step], console, log_dir: Path, jobs: int = 1, on_step_en
                 finish(step, proc.returncode)
         if running:
             time.sleep(1)
-        elif pending and len(pending) == before:  # needs that no step provides: those steps never start
+        elif pending and len(pending) == before and not ended:  # needs no step provides: those never start
             stuck = [item for item in pending if any(n not in succeeded for n in item[1].needs)]
             for item in stuck:
                 pending.remove(item)

@@ -231,6 +231,10 @@ def test_parallel_jobs_respect_needs(tmp_path):
     assert {"step": "bad", "returncode": 5} in failures and {"step": "after bad", "blocked_by": "bad"} in failures
     assert {"step": "orphan", "blocked_by": "no such step"} in failures
     assert (tmp_path / "logs" / "train-a.log").is_file()
+    order.unlink()
+    chain = [Step("t", append("t", 0.5)), Step("e", append("e"), needs=["t"]), Step("j", append("j"), needs=["e"])]
+    assert execute(chain, Console(file=open(tmp_path / "log", "w")), tmp_path, jobs=2) == []
+    assert order.read_text().split() == ["t", "e", "j"]
 
 
 @pytest.mark.parametrize("name", ["quick", "standard", "paper"])
