@@ -196,7 +196,7 @@ def judge(folders: list[Path] = typer.Argument(..., help="Evaluation directories
 
     found = evaluation_folders(folders)
     judge_obj = make_judge(judge_name, judge_model=judge_model, judge_url=judge_url, served_model=judge_served,
-                           key_env=judge_key_env, generators=[f for f in found], allow_self_judge=allow_self_judge)
+                           key_env=judge_key_env, generators=found, allow_self_judge=allow_self_judge)
     for folder in found:
         with Progress(console=console, transient=True) as progress:
             task = progress.add_task(f"judging {folder} ({judge_name})", total=None)
