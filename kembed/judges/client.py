@@ -358,3 +358,25 @@ def ask(client: JudgeClient, prompts: list[str], parse: Callable[[str], object |
             progress(final)
         pending = still
     return results
+
+
+class LanguageModelJudge:
+    """What the language-model judges share: a client, a tries budget per prompt, settings that
+    record the client and the prompt-template version, and :func:`ask` bound to them.
+    Subclasses set ``name``, ``version`` and ``template_version``.
+
+    Args:
+        client: the judge's language model.
+        max_attempts: tries per prompt (an unparsable answer is asked again).
+    """
+
+    name = version = template_version = ""
+
+    def __init__(self, client: JudgeClient, *, max_attempts: int = 2):
+        self.client, self.max_attempts = client, max_attempts
+        self.settings = {"client": client.describe(), "template_version": self.template_version}
+
+    def ask(self, prompts: list[str], parse: Callable[[str], object | None], progress=None):
+        """:func:`ask` with this judge's client, tries, name and template version."""
+        return ask(self.client, prompts, parse, max_attempts=self.max_attempts, judge=self.name,
+                   template_version=self.template_version, progress=progress)

@@ -12,7 +12,7 @@ from pydantic import BaseModel, ValidationError, field_validator
 
 from kembed.errors import KembedError
 from kembed.judges import JUDGE_FAILED, ExplanationItem
-from kembed.judges.client import JudgeClient, ask, extract_json_object
+from kembed.judges.client import LanguageModelJudge, extract_json_object
 
 NAME = "pairwise"
 VERSION = "1"
@@ -81,7 +81,7 @@ def parse(text: str) -> str | None:
         return None
 
 
-class PairwiseJudge:
+class PairwiseJudge(LanguageModelJudge):
     """Compares two runs' explanations question by question.
 
     Each question answered correctly by both runs is judged twice: run a's explanation as
@@ -90,17 +90,12 @@ class PairwiseJudge:
     either order gave no parsable answer after ``max_attempts`` tries is ``judge_failed`` and left
     out of every count.
 
-    Args:
-        client: the judge's language model.
-        max_attempts: tries per prompt.
+    Args: see :class:`~kembed.judges.client.LanguageModelJudge` (``max_attempts``: tries per prompt).
     """
 
     name = NAME
     version = VERSION
-
-    def __init__(self, client: JudgeClient, *, max_attempts: int = 2):
-        self.client, self.max_attempts = client, max_attempts
-        self.settings = {"client": client.describe(), "template_version": TEMPLATE_VERSION}
+    template_version = TEMPLATE_VERSION
 
     def compare(self, items_a: list[ExplanationItem], items_b: list[ExplanationItem], progress=None) -> dict:
         """Compare run a's explanations with run b's on the question ids both hold.
@@ -125,8 +120,7 @@ class PairwiseJudge:
         prompts = []
         for a, b in pairs:
             prompts += [render(a, a.explanation, b.explanation), render(a, b.explanation, a.explanation)]
-        results = ask(self.client, prompts, parse, max_attempts=self.max_attempts, judge=self.name,
-                      template_version=TEMPLATE_VERSION, progress=progress)
+        results = self.ask(prompts, parse, progress)
         first_map = {"A": "a", "B": "b", "tie": "tie", None: None}
         second_map = {"A": "b", "B": "a", "tie": "tie", None: None}
         per_question, outcomes, flips, failed = [], [], 0, 0

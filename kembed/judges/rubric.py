@@ -7,7 +7,7 @@ from __future__ import annotations
 from pydantic import BaseModel, Field, ValidationError
 
 from kembed.judges import JUDGE_FAILED, ExplanationItem, Judgment
-from kembed.judges.client import JudgeClient, ask, extract_json_object
+from kembed.judges.client import LanguageModelJudge, extract_json_object
 
 NAME = "rubric"
 VERSION = "1"
@@ -69,7 +69,7 @@ def parse(text: str) -> RubricScores | None:
         return None
 
 
-class RubricJudge:
+class RubricJudge(LanguageModelJudge):
     """Scores explanations with a language model on a 1-5 rubric.
 
     The score in [0, 1] is the mean of ``(clarity - 1) / 4`` and ``(accuracy - 1) / 4``; the
@@ -77,17 +77,12 @@ class RubricJudge:
     ``scored``. An answer that does not parse is asked again (a new cache key) up to
     ``max_attempts`` tries in all, then becomes a :data:`JUDGE_FAILED` judgment (score None).
 
-    Args:
-        client: the judge's language model.
-        max_attempts: tries per explanation.
+    Args: see :class:`~kembed.judges.client.LanguageModelJudge` (``max_attempts``: tries per explanation).
     """
 
     name = NAME
     version = VERSION
-
-    def __init__(self, client: JudgeClient, *, max_attempts: int = 2):
-        self.client, self.max_attempts = client, max_attempts
-        self.settings = {"client": client.describe(), "template_version": TEMPLATE_VERSION}
+    template_version = TEMPLATE_VERSION
 
     def judge(self, items: list[ExplanationItem], progress=None) -> list[Judgment]:
         """One judgment per item, in order; ``progress`` is called with items finished.
@@ -95,8 +90,7 @@ class RubricJudge:
         Raises:
             KembedError: the client failed (endpoint unreachable, retries exhausted, ...).
         """
-        results = ask(self.client, [render(it) for it in items], parse, max_attempts=self.max_attempts,
-                      judge=self.name, template_version=TEMPLATE_VERSION, progress=progress)
+        results = self.ask([render(it) for it in items], parse, progress)
         return [self._judgment(it.id, scores, raws) for it, (scores, raws) in zip(items, results)]
 
     def reparse(self, raw_text: str, item_id: str = "") -> Judgment:
