@@ -28,10 +28,11 @@ from pathlib import Path
 from typing import Callable
 
 import yaml
-from pydantic import ValidationError
+from pydantic import Field, ValidationError
 
 from kembed.config import Strict
 from kembed.errors import ConfigError, KembedError
+from kembed.tables import ConsoleTables, markdown_table
 
 BENCH_DIR = Path(__file__).resolve().parent.parent / "benchmarks"
 SCORER = "token_mean"  # the headline scorer
@@ -44,7 +45,7 @@ class EvalSpec(Strict):
     mode: str = "closed-book"
     format: str = "raw"
     index: str = "bm25"
-    top_k: int = 3
+    top_k: int = Field(3, ge=1)
     explain: bool = False
 
     @property
@@ -82,9 +83,9 @@ class Suite(Strict):
     overrides: dict[str, list[str]] = {}
     seeds: list[int] | None = None
     split: str = "test"
-    eval_limit: int | None = None
+    eval_limit: int | None = Field(None, ge=1)
     evals: list[EvalSpec] = [EvalSpec(explain=True)]
-    explain_max_new_tokens: int = 96
+    explain_max_new_tokens: int = Field(96, ge=1)
     judges: list[str] = ["grounded"]
     judge_model: str | None = None
     judge_url: str | None = None
@@ -167,8 +168,12 @@ def plan(suite: Suite, out: Path, seeds: int | None = None, data_dir: str | None
             overriding the suite's ``seeds``.
 
     Raises:
-        ConfigError, KembedError: a recipe or override is invalid (checked before anything runs).
+        ConfigError: (one line, naming the suite) an unknown domain, or one without the suite's
+            split; an unknown method; a missing recipe; an invalid override or recipe value; a
+            recipe whose model is not the suite's; an override that sets ``domain``. All are
+            checked before anything runs or is written.
     """
+    from kembed.data import get_domain
     from kembed.train import prepare_config
 
     kembed = [sys.executable, "-m", "kembed.cli"]
@@ -203,36 +208,46 @@ def plan(suite: Suite, out: Path, seeds: int | None = None, data_dir: str | None
                 steps.append(Step(f"{entry.domain} {entry.name}: judge {judge} {spec.label}", lambda a=argv: a,
                                   needs=[f"{entry.domain} {entry.name}: explain {spec.label}"]))
 
-    for domain in suite.domains:
-        base = ModelEntry(domain, "base", None, None, suite.model, None,
-                          {s.label: out / domain / "base" / f"eval-{suite.split}-{s.label}" for s in suite.evals})
-        models.append(base)
-        add_model_steps(base, [])
-        for method in suite.methods:
-            overrides = [*suite.overrides.get("all", []), *suite.overrides.get(method, [])]
-            run_cfg, _, _ = prepare_config(method, suite.recipes.get(method), overrides, domain=domain,
-                                           data_dir=data_dir)
-            if run_cfg.model != suite.model:
-                raise ConfigError(f"suite {suite.name}: the {method} recipe trains {run_cfg.model}, "
-                                  f"not the suite's base model {suite.model}")
-            method_seeds = (list(range(run_cfg.seed, run_cfg.seed + seeds)) if seeds
-                            else suite.seeds or [run_cfg.seed])
-            for seed in method_seeds:
-                seeded = [*overrides, f"seed={seed}"]
-                _, _, resolved = prepare_config(method, suite.recipes.get(method), seeded, domain=domain,
-                                                data_dir=data_dir)
-                run = out / domain / f"{method}-s{seed}-{config_hash(resolved)}"
-                name = method if len(method_seeds) == 1 else f"{method} (seed {seed})"
-                argv = [*kembed, "train", method, "--domain", domain, "--output", str(run), *data, *seeded]
-                if method in suite.recipes:
-                    argv += ["--recipe", suite.recipes[method]]
-                label = f"{domain} {name}: train"
-                steps.append(Step(label, lambda a=argv, r=run: [*a, "--resume"] if (r / "kembed-run.json").is_file() else a,
-                                  lambda r=run: _finished(r)))
-                entry = ModelEntry(domain, name, method, seed, str(run), run,
-                                   {s.label: run / f"eval-{suite.split}-{s.label}" for s in suite.evals})
-                models.append(entry)
-                add_model_steps(entry, [label])
+    def check_domain(name: str) -> None:
+        split = get_domain(name, data_dir).splits
+        if suite.split not in split:
+            raise ConfigError(f"domain '{name}' has no split '{suite.split}' (it has {', '.join(split)})")
+
+    try:  # every domain, method, recipe and override is checked here, before any step runs
+        for domain in suite.domains:
+            check_domain(domain)
+            base = ModelEntry(domain, "base", None, None, suite.model, None,
+                              {s.label: out / domain / "base" / f"eval-{suite.split}-{s.label}" for s in suite.evals})
+            models.append(base)
+            add_model_steps(base, [])
+            for method in suite.methods:
+                overrides = [*suite.overrides.get("all", []), *suite.overrides.get(method, [])]
+                run_cfg, _, _ = prepare_config(method, suite.recipes.get(method), overrides, domain=domain,
+                                               data_dir=data_dir)
+                if run_cfg.model != suite.model:
+                    raise ConfigError(f"the {method} recipe trains {run_cfg.model}, not the suite's base model {suite.model}")
+                if run_cfg.domain != domain:
+                    raise ConfigError(f"the {method} overrides set domain={run_cfg.domain}; list domains under 'domains'")
+                method_seeds = (list(range(run_cfg.seed, run_cfg.seed + seeds)) if seeds
+                                else suite.seeds or [run_cfg.seed])
+                for seed in method_seeds:
+                    seeded = [*overrides, f"seed={seed}"]
+                    _, _, resolved = prepare_config(method, suite.recipes.get(method), seeded, domain=domain,
+                                                    data_dir=data_dir)
+                    run = out / domain / f"{method}-s{seed}-{config_hash(resolved)}"
+                    name = method if len(method_seeds) == 1 else f"{method} (seed {seed})"
+                    argv = [*kembed, "train", method, "--domain", domain, "--output", str(run), *data, *seeded]
+                    if method in suite.recipes:
+                        argv += ["--recipe", suite.recipes[method]]
+                    label = f"{domain} {name}: train"
+                    steps.append(Step(label, lambda a=argv, r=run: [*a, "--resume"] if (r / "kembed-run.json").is_file() else a,
+                                      lambda r=run: _finished(r)))
+                    entry = ModelEntry(domain, name, method, seed, str(run), run,
+                                       {s.label: run / f"eval-{suite.split}-{s.label}" for s in suite.evals})
+                    models.append(entry)
+                    add_model_steps(entry, [label])
+    except KembedError as e:
+        raise ConfigError(f"suite {suite.name}: {e}") from None
     return steps, models
 
 
@@ -326,9 +341,56 @@ def execute(steps: list[Step], console, log_dir: Path, jobs: int = 1, on_step_en
 # results
 
 
+def _samples(folder: Path) -> list[dict]:
+    return [json.loads(line) for line in (folder / "samples.jsonl").read_text().splitlines() if line.strip()]
+
+
 def _correct(folder: Path) -> dict[str, bool]:
-    rows = [json.loads(line) for line in (folder / "samples.jsonl").read_text().splitlines() if line.strip()]
-    return {r["id"]: bool(r["correct"][SCORER]) for r in rows}
+    return {r["id"]: bool(r["correct"][SCORER]) for r in _samples(folder)}
+
+
+def _knowledge(folder: Path) -> dict[str, str]:
+    """Question id -> knowledge class (taught, untaught, no-answer-snippet) of an evaluation of a
+    trained run (``kembed eval`` marks each sample); empty for the base model."""
+    if not (folder / "samples.jsonl").is_file():
+        return {}
+    return {r["id"]: r["knowledge"] for r in _samples(folder) if "knowledge" in r}
+
+
+def shared_knowledge(entries: list[ModelEntry]) -> dict[tuple[str, str], dict[str, str]]:
+    """(domain, evaluation label) -> the knowledge classes of the first trained run's evaluation
+    that has them: what a model that was not trained (the base model) is split by, so that its
+    taught / untaught accuracy is over the same questions as the runs'. In a suite every run
+    trains on the same sample, so every run has these classes."""
+    out: dict[tuple[str, str], dict[str, str]] = {}
+    for e in entries:
+        for label, folder in e.evals.items():
+            if (e.domain, label) not in out:
+                classes = _knowledge(folder)
+                if classes:
+                    out[e.domain, label] = classes
+    return out
+
+
+def by_knowledge(correct: dict[str, bool], reference: dict[str, bool] | None, classes: dict[str, str]) -> dict:
+    """Accuracy on the taught and on the untaught questions (:func:`kembed.data.answer_knowledge`),
+    each with the paired difference to ``reference`` on the same questions.
+
+    Returns:
+        ``{"taught": {"n", "accuracy", "vs_reference"?}, "untaught": {...}}``; accuracy 0.0 for
+        no questions.
+    """
+    from kembed.data import TAUGHT, UNTAUGHT
+    from kembed.stats import paired_accuracy
+
+    out = {}
+    for kind in (TAUGHT, UNTAUGHT):
+        ids = [i for i in correct if classes.get(i) == kind]
+        mine = {i: correct[i] for i in ids}
+        out[kind] = {"n": len(ids), "accuracy": sum(mine.values()) / len(ids) if ids else 0.0}
+        if reference is not None:
+            out[kind]["vs_reference"] = paired_accuracy(mine, {i: reference[i] for i in ids if i in reference})
+    return out
 
 
 def _training_seconds(run: Path | None) -> float | None:
@@ -353,10 +415,12 @@ def rationality(folder: Path, judge: str = "grounded") -> dict | None:
     return summarize_judgments(list(latest.values()))
 
 
-def eval_cell(folder: Path, reference: Path | None) -> dict | None:
+def eval_cell(folder: Path, reference: Path | None, classes: dict[str, str] | None = None) -> dict | None:
     """Accuracy of one evaluation folder and, against ``reference`` (another evaluation of the
-    same questions), the paired difference (:func:`kembed.stats.paired_accuracy`); None when the
-    folder holds no results."""
+    same questions), the paired difference (:func:`kembed.stats.paired_accuracy`); the same on
+    the taught and untaught questions (:func:`by_knowledge`, ``by_knowledge`` in the cell) by
+    the folder's own knowledge classes, else by ``classes``; None when the folder holds no
+    results."""
     from kembed.stats import paired_accuracy
 
     if not (folder / "results.json").is_file():
@@ -366,18 +430,28 @@ def eval_cell(folder: Path, reference: Path | None) -> dict | None:
             "ci95": summary["ci95"][SCORER], "coverage": summary.get("coverage"),
             "mode": summary.get("mode"), "format": summary.get("format") or "raw", "model": summary.get("model"),
             "domain": summary.get("domain"), "split": summary.get("split")}
-    if reference is not None and reference != folder and (reference / "samples.jsonl").is_file():
-        cell["vs_reference"] = paired_accuracy(_correct(folder), _correct(reference))
+    correct = _correct(folder)
+    ref = _correct(reference) if reference is not None and reference != folder and \
+        (reference / "samples.jsonl").is_file() else None
+    if ref is not None:
+        cell["vs_reference"] = paired_accuracy(correct, ref)
+    classes = _knowledge(folder) or classes
+    if classes:
+        cell["by_knowledge"] = by_knowledge(correct, ref, classes)
     judged = rationality(folder)
     if judged:
         cell["grounded"] = judged
     return cell
 
 
-def model_row(entry: ModelEntry, reference: ModelEntry | None) -> dict:
+def model_row(entry: ModelEntry, reference: ModelEntry | None,
+              classes: dict[tuple[str, str], dict[str, str]] | None = None) -> dict:
     """One table row: the model's evaluations (:func:`eval_cell`, against the reference model's
-    evaluation of the same label), training seconds and knowledge coverage."""
-    cells = {label: eval_cell(folder, reference.evals.get(label) if reference else None)
+    evaluation of the same label, split by ``classes``, :func:`shared_knowledge`), training
+    seconds and knowledge coverage."""
+    classes = classes or {}
+    cells = {label: eval_cell(folder, reference.evals.get(label) if reference else None,
+                              classes.get((entry.domain, label)))
              for label, folder in entry.evals.items()}
     coverage = next((c["coverage"] for c in cells.values() if c and c.get("coverage")), None)
     return {"domain": entry.domain, "name": entry.name, "method": entry.method, "seed": entry.seed,
@@ -417,13 +491,15 @@ def compare_entries(paths: list[Path]) -> tuple[list[dict], list[str]]:
         if names.count(e.name) > 1:
             e.name = str(p)
     labels = list(dict.fromkeys(label for e in entries for label in e.evals))
-    return [model_row(e, entries[0] if i else None) for i, e in enumerate(entries)], labels
+    classes = shared_knowledge(entries)
+    return [model_row(e, entries[0] if i else None, classes) for i, e in enumerate(entries)], labels
 
 
 def collect(models: list[ModelEntry]) -> list[dict]:
     """Rows for every model, each compared with its domain's base model."""
     base = {m.domain: m for m in models if m.method is None}
-    return [model_row(m, base.get(m.domain)) for m in models]
+    classes = shared_knowledge(models)
+    return [model_row(m, base.get(m.domain), classes) for m in models]
 
 
 def _pct(x: float) -> str:
@@ -470,22 +546,23 @@ def table_cells(rows: list[dict], labels: list[str], reference: str = "base") ->
     return header, body
 
 
-def markdown_table(header: list[str], body: list[list[str]]) -> str:
-    """A GitHub-flavoured Markdown table."""
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    return "\n".join(lines + ["| " + " | ".join(cells) + " |" for cells in body])
-
-
-def rich_table(header: list[str], body: list[list[str]], title: str):
-    """The same table for the console."""
-    from rich.table import Table
-
-    table = Table(title=title, title_justify="left")
-    for col in header:
-        table.add_column(col, overflow="fold", justify="left" if col == "model" else "right")
-    for cells in body:
-        table.add_row(*cells)
-    return table
+def console_tables(rows: list[dict], labels: list[str], title: str, reference: str = "base") -> ConsoleTables:
+    """The :func:`table_cells` table for the console: short headers, a legend, one group of
+    columns per evaluation plus one of rationality, training time and coverage, packed into as
+    few tables as the console width allows (:class:`kembed.tables.ConsoleTables`)."""
+    header, body = table_cells(rows, labels, reference)
+    ref = reference if len(reference) <= 10 else "ref"
+    short = ["model", *(h for label in labels for h in (f"{label} %", f"{label} vs {ref}")),
+             "grounded (n)", "unable %", "train s", "answer known"]
+    first_rest = 1 + 2 * len(labels)
+    groups = [[1 + 2 * i, 2 + 2 * i] for i in range(len(labels))] + [list(range(first_rest, len(header)))]
+    legend = [f"<eval> %: {SCORER} accuracy [95% bootstrap CI]; <eval> vs {ref}: paired difference to {reference} "
+              "in points [paired bootstrap 95% CI], McNemar's exact p",
+              "grounded (n): mean grounded-judge score of the n judged explanations of correct answers; "
+              "unable %: the share the model could not explain [Wilson 95% CI]",
+              "train s: training seconds; answer known: questions whose gold answer is in the run's training "
+              "knowledge / questions whose answer is in their own snippets"]
+    return ConsoleTables(title, short, body, numbers=range(1, len(header)), groups=groups, legend=legend)
 
 
 def plot(rows: list[dict], labels: list[str], out: Path) -> list[Path]:
@@ -556,19 +633,96 @@ def plot(rows: list[dict], labels: list[str], out: Path) -> list[Path]:
     return files
 
 
-def seed_spread(rows: list[dict], labels: list[str]) -> list[list[str]]:
-    """Rows ``[domain, method, evaluation, seeds, mean %, min %, max %]`` of the accuracy across
-    training seeds, for every method trained with more than one seed."""
+def _runs_by_method(rows: list[dict], domain: str, label: str) -> dict[str, list[dict]]:
+    """method (``base`` for the base model) -> the evaluation cells of its runs (one per seed)."""
+    out: dict[str, list[dict]] = {}
+    for r in rows:
+        c = r["evals"].get(label)
+        if r["domain"] == domain and c:
+            out.setdefault(r["method"] or "base", []).append(c)
+    return out
+
+
+def seed_summary(rows: list[dict], labels: list[str]) -> list[dict]:
+    """Per domain, method and evaluation, the accuracy over training seeds against the base
+    model, with the two-level bootstrap (:func:`kembed.stats.seeds_accuracy`: seeds, then
+    questions), on all questions and on the taught and untaught ones.
+
+    Returns:
+        Dicts ``{"domain", "method", "evaluation", "seeds", "mean", "sd", "min", "max", "diff",
+        "ci95", "taught": {"n", "mean", "diff", "ci95"} | None, "untaught": ...}``, fractions.
+    """
+    from kembed.data import TAUGHT, UNTAUGHT
+    from kembed.stats import seeds_accuracy
+
     out = []
     for domain in dict.fromkeys(r["domain"] for r in rows):
-        for method in dict.fromkeys(r["method"] for r in rows if r["domain"] == domain and r["method"]):
-            runs = [r for r in rows if r["domain"] == domain and r["method"] == method]
-            for label in labels:
-                accs = [100 * r["evals"][label]["accuracy"] for r in runs if r["evals"].get(label)]
-                if len(accs) > 1:
-                    out.append([domain, method, label, str(len(accs)), f"{sum(accs) / len(accs):.1f}",
-                                f"{min(accs):.1f}", f"{max(accs):.1f}"])
+        for label in labels:
+            runs = _runs_by_method(rows, domain, label)
+            if "base" not in runs:
+                continue
+            base = [_correct(Path(c["folder"])) for c in runs["base"]]
+            classes = next((_knowledge(Path(c["folder"])) for m, cs in runs.items() if m != "base" for c in cs), {})
+            for method, cells in runs.items():
+                if method == "base":
+                    continue
+                correct = [_correct(Path(c["folder"])) for c in cells]
+                whole = seeds_accuracy(correct, base)
+                entry = {"domain": domain, "method": method, "evaluation": label, "seeds": whole["seeds"],
+                         "mean": whole["mean"], "sd": whole["sd"], "min": min(whole["accuracies"]),
+                         "max": max(whole["accuracies"]), "diff": whole["diff"], "ci95": whole["ci95"]}
+                for kind in (TAUGHT, UNTAUGHT):
+                    ids = {i for i, k in classes.items() if k == kind}
+                    part = seeds_accuracy([{i: v for i, v in c.items() if i in ids} for c in correct],
+                                          [{i: v for i, v in b.items() if i in ids} for b in base]) if ids else None
+                    entry[kind] = {k: part[k] for k in ("n", "mean", "diff", "ci95")} if part else None
+                out.append(entry)
     return out
+
+
+def method_ranking(rows: list[dict], label: str) -> list[dict]:
+    """Every pair of trained methods of a domain on one evaluation: the difference of their mean
+    accuracy over seeds with the two-level bootstrap CI (:func:`kembed.stats.seeds_bootstrap_diff`)
+    on the questions all their runs share; ``decided`` when the interval excludes zero.
+
+    Returns:
+        Dicts ``{"domain", "a", "b", "diff", "ci95", "decided"}`` (diff = a - b, fractions),
+        ``a`` the method with the higher mean.
+    """
+    from kembed.stats import seeds_bootstrap_diff
+
+    out = []
+    for domain in dict.fromkeys(r["domain"] for r in rows):
+        runs = {m: [_correct(Path(c["folder"])) for c in cells]
+                for m, cells in _runs_by_method(rows, domain, label).items() if m != "base"}
+        methods = list(runs)
+        for i, a in enumerate(methods):
+            for b in methods[i + 1:]:
+                ids = sorted(set.intersection(*(set(c) for c in [*runs[a], *runs[b]])))
+                x = [[c[q] for q in ids] for c in runs[a]]
+                y = [[c[q] for q in ids] for c in runs[b]]
+                d = seeds_bootstrap_diff(x, y)
+                if d["diff"] < 0:
+                    a, b, x, y = b, a, y, x
+                    d = seeds_bootstrap_diff(x, y)
+                out.append({"domain": domain, "a": a, "b": b, "diff": d["diff"], "ci95": d["ci95"],
+                            "decided": d["ci95"][0] > 0 or d["ci95"][1] < 0})
+    return out
+
+
+def seed_table(summary: list[dict]) -> tuple[list[str], list[list[str]]]:
+    """Header and cells of :func:`seed_summary` for results.md."""
+    def pp(d):
+        return f"{100 * d['diff']:+.1f} [{100 * d['ci95'][0]:+.1f}, {100 * d['ci95'][1]:+.1f}]"
+
+    header = ["domain", "method", "evaluation", "seeds", "mean % +- sd", "min-max %", "vs base (pp) [two-level CI]",
+              "taught: mean %, vs base (n)", "untaught: mean %, vs base (n)"]
+    body = []
+    for e in summary:
+        parts = [f"{_pct(e[k]['mean'])}, {pp(e[k])} ({e[k]['n']})" if e.get(k) else "-" for k in ("taught", "untaught")]
+        body.append([e["domain"], e["method"], e["evaluation"], str(e["seeds"]),
+                     f"{_pct(e['mean'])} +- {_pct(e['sd'])}", f"{_pct(e['min'])}-{_pct(e['max'])}", pp(e), *parts])
+    return header, body
 
 
 def git_commit() -> str | None:
@@ -595,7 +749,8 @@ def write_report(suite: Suite, rows: list[dict], failures: list[dict], results_d
             "machine": f"{platform.machine()}, {__import__('os').cpu_count()} CPU cores, {platform.system()}",
             "bench_seconds": round(sum(i["seconds"] for i in invocations), 1), "invocations": invocations,
             "scorer": SCORER, "failures": failures}
-    write_json(results_dir / "results.json", {**meta, "rows": rows})
+    summary, ranking = seed_summary(rows, labels), method_ranking(rows, labels[0])
+    write_json(results_dir / "results.json", {**meta, "rows": rows, "over_seeds": summary, "ranking": ranking})
     plots = plot(rows, labels, results_dir)
     lines = [f"# Benchmark suite `{suite.name}`", "", suite.description, "",
              f"- command: `{meta['command']}` (`make bench` for the quick suite: `--jobs 2`); "
@@ -618,10 +773,18 @@ def write_report(suite: Suite, rows: list[dict], failures: list[dict], results_d
                        if c and c.get("vs_reference") and c["vs_reference"]["p_value"] < 0.05]
         lines += ["Differences to base significant at p < 0.05 (McNemar, paired): "
                   + ("; ".join(significant) if significant else "none"), ""]
-    spread = seed_spread(rows, labels)
-    if spread:
-        lines += ["## Spread between training seeds", "",
-                  markdown_table(["domain", "method", "evaluation", "seeds", "mean %", "min %", "max %"], spread), ""]
+    if summary:
+        lines += ["## Over training seeds", "",
+                  "Mean accuracy over each method's training seeds (the data sample is the same for every seed "
+                  "and method); \"vs base\": the difference to the base model with a two-level bootstrap 95% CI "
+                  "that resamples seeds, then questions. Taught: test questions whose gold answer is in the "
+                  "training records' knowledge snippets; untaught: in their own snippets, none trained on.", "",
+                  markdown_table(*seed_table(summary)), ""]
+    if ranking:
+        decided = [f"{e['a']} > {e['b']} ({e['domain']}, {100 * e['diff']:+.1f} pp "
+                   f"[{100 * e['ci95'][0]:+.1f}, {100 * e['ci95'][1]:+.1f}])" for e in ranking if e["decided"]]
+        lines += [f"Rankings on {labels[0]} whose two-level 95% CI clears zero: "
+                  + ("; ".join(decided) if decided else "none: every pair of methods is undecided at this scale"), ""]
     lines += [f"![{p.stem}]({p.name})" for p in plots] + [""]
     if failures:
         lines += ["## Failures", ""] + [f"- {f['step']}: " + (f"exit {f['returncode']}" if "returncode" in f
@@ -665,6 +828,5 @@ def run_suite(suite: Suite, *, out: Path, results_dir: Path, seeds: int | None =
     report = write_report(suite, rows, failures, results_dir, invocations)
     labels = [s.label for s in suite.evals]
     for domain in dict.fromkeys(r["domain"] for r in rows):
-        header, body = table_cells([r for r in rows if r["domain"] == domain], labels)
-        console.print(rich_table(header, body, f"{suite.name}: {domain}"))
+        console.print(console_tables([r for r in rows if r["domain"] == domain], labels, f"{suite.name}: {domain}"))
     return report, failures

@@ -141,9 +141,13 @@ def evaluate(domain: str = typer.Option(..., help="Domain to evaluate on."),
                                     batch_tokens=batch_tokens)
     if not main:
         return  # the main process writes and reports
-    from kembed.evaluate import run_coverage, run_training
+    from kembed.evaluate import run_knowledge, run_training
 
-    summary = {"domain": domain, "split": split, **summary, "coverage": run_coverage(model, records, data_dir),
+    knowledge = run_knowledge(model, records, data_dir)
+    if knowledge:  # each question: is its gold answer in what the run trained on
+        for sample in samples:
+            sample["knowledge"] = knowledge[1][sample["id"]]
+    summary = {"domain": domain, "split": split, **summary, "coverage": knowledge[0] if knowledge else None,
                "trained_on": run_training(model)}
     write_results(out, summary, samples)
     console.print(results_table([summary]))
@@ -235,14 +239,14 @@ def compare(paths: list[Path] = typer.Argument(..., help="Evaluation directories
                                                              "(default: runs/compare-<time>)."),
             data_dir: Optional[str] = DataDir):
     """One table over runs: accuracy, paired differences to the first (McNemar), rationality."""
-    from kembed.bench import compare_entries, markdown_table, plot as plot_rows, rich_table, table_cells
+    from kembed.bench import compare_entries, console_tables, plot as plot_rows, table_cells
+    from kembed.tables import markdown_table
 
     rows, labels = compare_entries(paths)
-    header, body = table_cells(rows, labels, reference=rows[0]["name"])
     if markdown:
-        print(markdown_table(header, body))
+        print(markdown_table(*table_cells(rows, labels, reference=rows[0]["name"])))
     else:
-        console.print(rich_table(header, body, "kembed compare"))
+        console.print(console_tables(rows, labels, "kembed compare", reference=rows[0]["name"]))
     if plot:
         for f in plot_rows(rows, labels, plot):
             console.print(f"plot: {f}")
@@ -364,21 +368,21 @@ def data_coverage(domain: str = typer.Option(..., help="Domain to check."),
                   limit: Optional[int] = typer.Option(None, help="Training records (a seeded sample; default: all)."),
                   seed: Optional[int] = typer.Option(None, help="Seed of the sample (default: a recipe's default seed)."),
                   validation: Optional[int] = typer.Option(None, help="Train records held out as the validation split "
-                                                                      "(default: a recipe's default)."),
+                                                                      "(default: 20 percent of the train split, at most 100)."),
                   data_dir: Optional[str] = DataDir):
     """How many held-out questions have their knowledge snippets (and gold answer) in the training records."""
     from kembed.config import RunConfig
     from kembed.data import coverage_table, held_out_splits, knowledge_coverage, load_records, training_sample
 
     defaults = RunConfig.model_fields
-    seed = defaults["seed"].default if seed is None else seed
+    seed = defaults["data_seed"].default if seed is None else seed
     validation = defaults["validation"].default if validation is None else validation
 
     sample = training_sample(load_records(domain, "train", data_dir), limit=limit, validation=validation, seed=seed)
     coverage = {split: knowledge_coverage(sample.train, records)
                 for split, records in held_out_splits(domain, data_dir, sample).items()}
     console.print(coverage_table(coverage, f"{domain}: knowledge coverage by {len(sample.train)} training records "
-                                           f"(seed {seed}, {validation} held out for validation)"))
+                                           f"(seed {seed}, {len(sample.validation)} held out for validation)"))
 
 
 @data_app.command("fetch")
@@ -402,13 +406,13 @@ def data_import(name: str = typer.Argument(..., help="Name of the new domain: lo
                 corpus: Optional[Path] = typer.Option(None, "--corpus",
                                                       help="Knowledge documents for records without ctx: .txt (one per "
                                                            "line), .jsonl (a text field) or a folder of .txt/.md files."),
-                replace: bool = typer.Option(False, "--replace", help="Replace an existing user domain of that name."),
-                data_dir: Optional[str] = DataDir):
-    """Register your own domain; it then works wherever a built-in domain does (--domain NAME)."""
+                replace: bool = typer.Option(False, "--replace", help="Replace an existing user domain of that name.")):
+    """Register your own domain (kept in kembed's user data dir, or $KEMBED_DOMAINS_DIR); it then works
+    wherever a built-in domain does (--domain NAME)."""
     from kembed.data import validation_tables
     from kembed.userdomains import CONTEXT_INDEX, CONTEXT_TOP_K, corpus_table, import_domain
 
-    result = import_domain(name, qa, test, corpus, data_dir, replace)
+    result = import_domain(name, qa, test, corpus, replace)
     for table in validation_tables(result.reports):
         console.print(table)
     if result.corpus is not None:
@@ -435,8 +439,17 @@ def index_build(domain: str = typer.Option(..., help="Domain whose knowledge doc
 
 
 def run():
-    """Console-script entry point."""
-    app(prog_name="kembed")
+    """Console-script entry point (also ``python -m kembed.cli``, as launchers start it). After a
+    command that succeeded, a multi-process launch's group is torn down
+    (:func:`kembed.distributed.shutdown`) so that every rank exits cleanly."""
+    from kembed import distributed
+
+    try:
+        app(prog_name="kembed")
+    except SystemExit as end:
+        if end.code not in (0, None):
+            raise
+    distributed.shutdown()
 
 
 if __name__ == "__main__":

@@ -8,7 +8,7 @@ an error.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -28,9 +28,9 @@ class Strict(BaseModel):
 class LoraSettings(Strict):
     """LoRA adapter settings (``peft.LoraConfig``)."""
 
-    r: int = 16
-    lora_alpha: int = 32
-    lora_dropout: float = 0.05
+    r: int = Field(16, ge=1)
+    lora_alpha: int = Field(32, ge=1)
+    lora_dropout: float = Field(0.05, ge=0, lt=1)
     target_modules: list[str] = Field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
 
 
@@ -41,15 +41,15 @@ class TrainConfig(Strict):
     ``batch_size / N`` examples (it must divide); an optimiser step sees ``batch_size * grad_accum``.
     """
 
-    learning_rate: float = 1e-5
-    batch_size: int = 4
-    grad_accum: int = 1
+    learning_rate: float = Field(1e-5, gt=0)
+    batch_size: int = Field(4, ge=1)
+    grad_accum: int = Field(1, ge=1)
     warmup_ratio: float = Field(0.1, ge=0, lt=1)
     lr_scheduler: str = "constant_with_warmup"  # a transformers scheduler name, or cosine_warmup_constant
-    max_grad_norm: float = 1.0
-    weight_decay: float = 0.0
-    adam_beta2: float = 0.999
-    adam_epsilon: float = 1e-8
+    max_grad_norm: float = Field(1.0, ge=0)  # 0: no clipping
+    weight_decay: float = Field(0.0, ge=0)
+    adam_beta2: float = Field(0.999, ge=0, lt=1)
+    adam_epsilon: float = Field(1e-8, gt=0)
     checkpoints: bool = True  # keep a resumable checkpoint after every epoch (weights + optimiser)
     lora: LoraSettings | None = None
 
@@ -60,20 +60,34 @@ class EvalDuringTraining(Strict):
     (``RunConfig.validation``); any other name is one of the domain's own splits."""
 
     split: str | None = "validation"
-    limit: int | None = None
+    limit: int | None = Field(None, ge=1)  # score only the first N records of the split (None: all)
 
 
 class RunConfig(Strict):
-    """The method-independent part of a recipe."""
+    """The method-independent part of a recipe.
+
+    ``seed`` and ``data_seed`` are apart so that several training seeds train on one sample:
+    ``data_seed`` draws the training records and the validation split, ``seed`` everything
+    random in training. ``knowledge`` bounds the domain text any method reads while training,
+    the same for every method of a comparison: ``records``, the knowledge snippets of the run's
+    training records only; ``knowledge-base``, the domain's whole corpus as in the papers
+    (:func:`kembed.retrieval.domain_documents`; on current-events it holds the test questions'
+    snippets verbatim). It governs CPT's corpus, RAFT's distractor pool and SimRAG's Stage-II
+    documents and round-trip index (:meth:`kembed.train.TrainContext.knowledge_documents`).
+    """
 
     method: str
     model: str = "smollm2-135m-instruct"
     init_from: str | None = None  # start from this run's weights (e.g. SFT after a CPT run)
     domain: str = "current-events"
     data_dir: str | None = None
-    seed: int = 42
-    limit: int | None = None  # train on a seeded random sample of this many train records (None: all)
-    validation: int = Field(100, ge=0)  # train records held out as the validation split (seeded)
+    seed: int = Field(42, ge=0)  # the training seed: initialisation, data order, sampling (varies across a bench's seeds)
+    data_seed: int = Field(42, ge=0)  # draws the training sample and the validation split (fixed across training seeds)
+    knowledge: Literal["records", "knowledge-base"] = "records"  # the domain text any method may read
+    limit: int | None = Field(None, ge=1)  # train on a seeded random sample of this many train records (None: all)
+    # train records held out as the validation split (seeded); None: sized to the domain, 20% of
+    # its train split and at most 100 (kembed.data.auto_validation)
+    validation: int | None = Field(None, ge=0)
     device: str = "auto"
     precision: str = "auto"
     prompts: PromptFormat = Field(default_factory=PromptFormat)

@@ -39,10 +39,13 @@ its records. Per-file tables: docs/data.md.
 Structurally malformed input (invalid JSON, wrong types, missing ``question``/``options``)
 raises :class:`~kembed.errors.DataError` naming the file, record and field.
 
-Users' own domains (``kembed data import``, :mod:`kembed.userdomains`) live in the data
-directory under ``user/<name>/`` and go through the same loader and policy: :func:`get_domain`,
-:func:`load_split`, :func:`load_records`, :func:`load_knowledge_base` and :func:`list_domains`
-find them next to the built-in :data:`DOMAINS`.
+Users' own domains (``kembed data import``, :mod:`kembed.userdomains`) live in the user's own
+folder, :func:`user_domains_dir` (``$KEMBED_DOMAINS_DIR``, else ``domains/`` in kembed's per-user
+data directory), never inside the data directory of the built-in datasets, which may be
+read-only or shared; domains imported by earlier versions into ``<data dir>/user/<name>/`` are
+still read. They go through the same loader and policy: :func:`get_domain`, :func:`load_split`,
+:func:`load_records`, :func:`load_knowledge_base` and :func:`list_domains` find them next to the
+built-in :data:`DOMAINS`.
 """
 
 from __future__ import annotations
@@ -74,7 +77,8 @@ ENV_VAR = "KEMBED_DATA_DIR"
 UPSTREAM_COMMIT = "ebc874f3da31b949c29ded7b298a5d6e60eb8cfc"
 UPSTREAM_ZIP_URL = f"https://codeload.github.com/ChaojunNie/RLAG/zip/{UPSTREAM_COMMIT}"
 EXTRA_FILES = ("PROVENANCE.md", "LICENSE")
-USER_FOLDER = "user"  # users' own domains: <data dir>/user/<name>/ (see kembed.userdomains)
+DOMAINS_ENV_VAR = "KEMBED_DOMAINS_DIR"  # where users' own domains live (see user_domains_dir)
+USER_FOLDER = "user"  # where earlier versions imported users' domains: <data dir>/user/<name>/ (still read)
 USER_DOMAIN_NAME = re.compile(r"[a-z0-9][a-z0-9_-]{0,63}")
 USER_DOMAIN_FILE = "domain.json"
 USER_DOMAIN_FORMAT = 1
@@ -86,12 +90,13 @@ class DomainSpec:
 
     Attributes:
         name: the domain name used on the command line and in records.
-        folder: the domain's folder inside the data directory.
+        folder: the domain's folder inside the data directory; for a user domain, the absolute
+            path of its own folder.
         splits: split name -> file names inside ``folder``, concatenated in order.
         knowledge_base: file name of the knowledge base, if any: a text file (one document per
             line) or a ``.jsonl`` file (one ``{"text": ...}`` object per line).
         description: one line for listings.
-        user: True for a user domain made by ``kembed data import`` (folder ``user/<name>``).
+        user: True for a user domain made by ``kembed data import`` (see :func:`user_domains_dir`).
     """
 
     name: str
@@ -128,8 +133,9 @@ DOMAINS: dict[str, DomainSpec] = {
 
 
 def get_domain(name: str, data_dir: str | os.PathLike | None = None) -> DomainSpec:
-    """The domain called ``name``: a built-in one (:data:`DOMAINS`), else a user domain imported
-    into the data directory (``data_dir``, else ``$KEMBED_DATA_DIR``, else the default).
+    """The domain called ``name``: a built-in one (:data:`DOMAINS`), else a user domain
+    (:func:`user_domain_roots`; ``data_dir`` only matters for domains that earlier versions
+    imported into the data directory).
 
     Raises:
         KembedError: the name is not a known domain (the message lists the known ones).
@@ -137,66 +143,69 @@ def get_domain(name: str, data_dir: str | os.PathLike | None = None) -> DomainSp
     """
     if name in DOMAINS:
         return DOMAINS[name]
-    root = _existing_data_dir(data_dir)
-    spec = find_user_domain(name, root) if root is not None else None
+    spec = find_user_domain(name, data_dir)
     if spec is not None:
         return spec
-    known = [*DOMAINS, *(user_domain_names(root) if root is not None else [])]
+    known = [*DOMAINS, *user_domain_names(data_dir)]
     raise KembedError(f"unknown domain '{name}'; known domains: {', '.join(known)}")
 
 
 def list_domains(data_dir: str | os.PathLike | None = None) -> dict[str, DomainSpec]:
-    """Every domain by name: the built-in :data:`DOMAINS`, then the user domains imported into the
-    data directory (none when the data directory does not exist).
+    """Every domain by name: the built-in :data:`DOMAINS`, then the user domains
+    (:func:`user_domain_roots`).
 
     Raises:
         DataError: a user domain's ``domain.json`` is malformed.
     """
-    root = _existing_data_dir(data_dir)
-    users = list_user_domains(root) if root is not None else []
+    users = [find_user_domain(name, data_dir) for name in user_domain_names(data_dir)]
     return {**DOMAINS, **{spec.name: spec for spec in users}}
-
-
-def _existing_data_dir(data_dir: str | os.PathLike | None) -> Path | None:
-    path, _ = choose_data_dir(data_dir)
-    return path if path.is_dir() else None
 
 
 # --- the user-domain registry (written by kembed.userdomains) -----------------------------
 
-def user_domain_dir(name: str, root: Path) -> Path:
-    """Where the user domain ``name`` lives in the data directory ``root``."""
-    return Path(root) / USER_FOLDER / name
+def user_domains_dir() -> Path:
+    """The folder that ``kembed data import`` writes users' domains into (one folder each):
+    ``$KEMBED_DOMAINS_DIR``, else ``domains/`` in kembed's per-user data directory
+    (``platformdirs.user_data_dir("kembed")``, e.g. ``~/.local/share/kembed/domains``). It is
+    never inside the data directory of the built-in datasets."""
+    if os.environ.get(DOMAINS_ENV_VAR):
+        return Path(os.environ[DOMAINS_ENV_VAR]).expanduser()
+    return Path(platformdirs.user_data_dir("kembed")) / "domains"
 
 
-def find_user_domain(name: str, root: Path) -> DomainSpec | None:
-    """The spec of the user domain ``name`` in the data directory ``root``, or None.
+def user_domain_roots(data_dir: str | os.PathLike | None = None) -> list[Path]:
+    """The folders searched for user domains, first match first: :func:`user_domains_dir`, then
+    ``user/`` in the data directory (where earlier versions imported them) when it exists."""
+    legacy = choose_data_dir(data_dir)[0] / USER_FOLDER
+    return [user_domains_dir(), *([legacy] if legacy.is_dir() else [])]
+
+
+def user_domain_dir(name: str, root: Path | None = None) -> Path:
+    """Where the user domain ``name`` lives in ``root`` (default :func:`user_domains_dir`)."""
+    return Path(root if root is not None else user_domains_dir()) / name
+
+
+def find_user_domain(name: str, data_dir: str | os.PathLike | None = None) -> DomainSpec | None:
+    """The spec of the user domain ``name`` (the first of :func:`user_domain_roots` holding it), or None.
 
     Raises:
         DataError: its ``domain.json`` is unreadable or malformed.
     """
     if not USER_DOMAIN_NAME.fullmatch(name):
         return None
-    path = user_domain_dir(name, root) / USER_DOMAIN_FILE
-    return read_user_spec(path, name) if path.is_file() else None
+    for root in user_domain_roots(data_dir):
+        path = user_domain_dir(name, root) / USER_DOMAIN_FILE
+        if path.is_file():
+            return read_user_spec(path, name)
+    return None
 
 
-def user_domain_names(root: Path) -> list[str]:
-    """The names of the user domains in the data directory ``root`` (folders holding a
+def user_domain_names(data_dir: str | os.PathLike | None = None) -> list[str]:
+    """The names of the user domains in :func:`user_domain_roots` (folders holding a
     ``domain.json``; not parsed), sorted."""
-    folder = Path(root) / USER_FOLDER
-    if not folder.is_dir():
-        return []
-    return [p.name for p in sorted(folder.iterdir()) if USER_DOMAIN_NAME.fullmatch(p.name) and (p / USER_DOMAIN_FILE).is_file()]
-
-
-def list_user_domains(root: Path) -> list[DomainSpec]:
-    """The user domains in the data directory ``root``, by name.
-
-    Raises:
-        DataError: a ``domain.json`` is unreadable or malformed.
-    """
-    return [read_user_spec(user_domain_dir(name, root) / USER_DOMAIN_FILE, name) for name in user_domain_names(root)]
+    names = {p.name for root in user_domain_roots(data_dir) if root.is_dir() for p in root.iterdir()
+             if USER_DOMAIN_NAME.fullmatch(p.name) and (p / USER_DOMAIN_FILE).is_file()}
+    return sorted(names)
 
 
 def read_user_spec(path: Path, name: str) -> DomainSpec:
@@ -217,9 +226,19 @@ def read_user_spec(path: Path, name: str) -> DomainSpec:
           and isinstance(meta.get("knowledge_base"), (str, type(None))))
     if not ok:
         raise DataError(path, f"not a kembed user-domain file (format {USER_DOMAIN_FORMAT}) for '{name}'{fix}")
-    return DomainSpec(name, f"{USER_FOLDER}/{name}", {s: tuple(f) for s, f in meta["splits"].items()},
+    return DomainSpec(name, str(path.parent), {s: tuple(f) for s, f in meta["splits"].items()},
                       knowledge_base=meta["knowledge_base"], description=str(meta.get("description", "")),
                       user=True)
+
+
+def domain_folder(spec: DomainSpec, data_dir: str | os.PathLike | None = None) -> Path:
+    """The folder holding a domain's files: a user domain's own folder, else the built-in
+    domain's folder in the data directory (:func:`resolve_data_dir`).
+
+    Raises:
+        KembedError: a built-in domain, and the data directory does not exist.
+    """
+    return Path(spec.folder) if spec.user else resolve_data_dir(data_dir) / spec.folder
 
 
 def default_data_dir() -> Path:
@@ -258,7 +277,7 @@ class SplitReport:
 
     Attributes:
         domain, split: what was loaded.
-        files: the files read, relative to the data directory.
+        files: the files read, relative to the data directory (a user domain's: absolute paths).
         read: records read from the files.
         kept: records returned.
         dropped: drop reason -> number of records.
@@ -308,7 +327,7 @@ def load_split(domain: str, split: str,
     spec = get_domain(domain, data_dir)
     if split not in spec.splits:
         raise KembedError(f"domain '{domain}' has no split '{split}'; available: {', '.join(spec.splits)}")
-    return load_spec_split(spec, split, resolve_data_dir(data_dir) / spec.folder)
+    return load_spec_split(spec, split, domain_folder(spec, data_dir))
 
 
 def load_spec_split(spec: DomainSpec, split: str, folder: Path) -> tuple[list[QARecord], SplitReport]:
@@ -350,6 +369,16 @@ def load_records(domain: str, split: str, data_dir: str | os.PathLike | None = N
 # --- training samples and knowledge coverage ------------------------------------------------
 
 VALIDATION_SPLIT = "validation"  # held out from the train split by :func:`training_sample`
+VALIDATION_SHARE = 0.2  # the automatic validation split: this share of the train split,
+VALIDATION_MAX = 100  # at most this many records
+AUTO_VALIDATION = f"{VALIDATION_SHARE:.0%} of the train split, at most {VALIDATION_MAX}"
+
+
+def auto_validation(n_train: int) -> int:
+    """The size of the validation split when a recipe leaves ``validation`` unset: 20% of the
+    ``n_train`` train records (rounded down), at most 100 (current-events, 1469: 100; a
+    20-record domain: 4)."""
+    return min(VALIDATION_MAX, int(VALIDATION_SHARE * n_train))
 
 
 @dataclass(frozen=True)
@@ -374,7 +403,7 @@ class TrainingSample:
                 "train_ids": [r.id for r in self.train], "validation_ids": [r.id for r in self.validation]}
 
 
-def training_sample(records: list[QARecord], *, limit: int | None, validation: int, seed: int) -> TrainingSample:
+def training_sample(records: list[QARecord], *, limit: int | None, validation: int | None, seed: int) -> TrainingSample:
     """Draw a run's records from a train split: a seeded permutation of the records; its first
     ``validation`` records are the validation split, the next ``limit`` (all the rest when
     ``limit`` is None) the training records. The same seed and split give the same sample for
@@ -384,7 +413,8 @@ def training_sample(records: list[QARecord], *, limit: int | None, validation: i
     Args:
         records: the train split, in file order.
         limit: number of training records (None: every record not held out).
-        validation: number of records held out for validation (0: none).
+        validation: number of records held out for validation (0: none; None:
+            :func:`auto_validation`).
         seed: seeds the permutation (``random.Random(seed)``).
 
     Raises:
@@ -395,6 +425,8 @@ def training_sample(records: list[QARecord], *, limit: int | None, validation: i
 
     if limit is not None and limit < 0:
         raise KembedError(f"limit must be >= 0, got {limit}")
+    if validation is None:
+        validation = auto_validation(len(records))
     if validation < 0:
         raise KembedError(f"validation must be >= 0, got {validation}")
     if records and validation >= len(records):
@@ -421,19 +453,43 @@ def knowledge_coverage(train: list[QARecord], questions: list[QARecord]) -> dict
         snippets covered (questions without snippets are counted in ``no_snippets`` only), with
         the gold answer inside their own snippets, and with it inside their covered snippets.
     """
-    taught = {_normalise(z) for r in train for z in r.knowledge}
     counts = dict.fromkeys(("all", "some", "none", "no_snippets", "answer_in_snippets", "answer_covered"), 0)
-    for q in questions:
-        snippets = [_normalise(z) for z in q.knowledge]
-        covered = [z for z in snippets if z in taught]
-        answer = _normalise(q.answer).lower()
+    for snippets, covered, kind in _question_coverage(train, questions):
         if not snippets:
             counts["no_snippets"] += 1
         else:
-            counts["all" if len(covered) == len(snippets) else "some" if covered else "none"] += 1
-        counts["answer_in_snippets"] += any(answer in z.lower() for z in snippets)
-        counts["answer_covered"] += any(answer in z.lower() for z in covered)
+            counts["all" if covered == snippets else "some" if covered else "none"] += 1
+        counts["answer_in_snippets"] += kind != NO_ANSWER_SNIPPET
+        counts["answer_covered"] += kind == TAUGHT
     return {"questions": len(questions), **counts}
+
+
+TAUGHT, UNTAUGHT, NO_ANSWER_SNIPPET = "taught", "untaught", "no-answer-snippet"
+
+
+def _question_coverage(train: list[QARecord], questions: list[QARecord]):
+    """Per question: (its snippets, how many the training records carry, its knowledge class)."""
+    known = {_normalise(z) for r in train for z in r.knowledge}
+    for q in questions:
+        snippets = [_normalise(z) for z in q.knowledge]
+        covered = [z for z in snippets if z in known]
+        answer = _normalise(q.answer).lower()
+        kind = (TAUGHT if any(answer in z.lower() for z in covered)
+                else UNTAUGHT if any(answer in z.lower() for z in snippets) else NO_ANSWER_SNIPPET)
+        yield len(snippets), len(covered), kind
+
+
+def answer_knowledge(train: list[QARecord], questions: list[QARecord]) -> dict[str, str]:
+    """Each question's knowledge class against a run's training records, by the rules of
+    :func:`knowledge_coverage`: ``taught`` (its gold answer occurs in one of its snippets that
+    the training records carry: what knowledge injection can teach), ``untaught`` (the answer
+    is in its own snippets, none of them trained on) or ``no-answer-snippet`` (in none of its
+    snippets). The ``taught`` count is :func:`knowledge_coverage`'s ``answer_covered``.
+
+    Returns:
+        question id -> class.
+    """
+    return {q.id: kind for q, (_, _, kind) in zip(questions, _question_coverage(train, questions))}
 
 
 def held_out_splits(domain: str, data_dir: str | os.PathLike | None, sample: TrainingSample) -> dict[str, list[QARecord]]:
@@ -476,7 +532,7 @@ def load_knowledge_base(domain: str, data_dir: str | os.PathLike | None = None) 
     spec = get_domain(domain, data_dir)
     if spec.knowledge_base is None:
         return None
-    path = resolve_data_dir(data_dir) / spec.folder / spec.knowledge_base
+    path = domain_folder(spec, data_dir) / spec.knowledge_base
     if path.suffix != ".jsonl":
         text = read_text(path)
         return [line.strip() for line in text.split("\n") if line.strip()]
@@ -655,8 +711,8 @@ def fetch_data(dest: Path | None = None, source_dir: Path | None = None, *,
     Without it, downloads the upstream zip archive at the pinned commit from ``url`` (``timeout``
     seconds for each network operation) and extracts its ``data/`` folder and LICENSE. The copy
     is built in a temporary sibling of ``dest`` and renamed into place only once complete, so a
-    failure leaves any existing ``dest`` untouched. User domains already in ``dest`` (its
-    ``user/`` folder) are carried over into the new copy.
+    failure leaves any existing ``dest`` untouched. User domains that earlier versions imported
+    into ``dest`` (its ``user/`` folder) are carried over into the new copy.
 
     Returns:
         ``dest``.

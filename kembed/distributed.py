@@ -18,6 +18,7 @@ them (``CUDA_VISIBLE_DEVICES=``) or set that variable.
 
 from __future__ import annotations
 
+import sys
 from typing import Any, Sequence
 
 
@@ -39,6 +40,29 @@ def state():
     from accelerate.utils import parse_flag_from_env
 
     return PartialState(cpu=not torch.cuda.is_available() or parse_flag_from_env("ACCELERATE_USE_CPU"))
+
+
+def shutdown() -> None:
+    """Leave the process group at the end of a command that succeeded: wait for every rank, then
+    destroy the group (``PartialState.destroy_process_group``) while the interpreter is fully
+    alive. A collective: every rank calls it, after its last collective.
+
+    Left to interpreter exit, the group's gloo worker threads may still be tearing down when
+    Python finalizes, and a rank whose command finished aborts ("terminate called without an
+    active exception", SIGABRT; pytorch/pytorch#179291), so the launcher reports a failure.
+    Not called after a failure: the other ranks may be inside a collective, and waiting for
+    them would hang.
+
+    A no-op in a single process, when no group was joined, and when torch was never imported
+    (``kembed --help``). The process cannot take part in collectives afterwards.
+    """
+    if "torch.distributed" not in sys.modules:
+        return
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        barrier()
+        state().destroy_process_group()
 
 
 def world_size() -> int:

@@ -1,7 +1,7 @@
 """Accuracy evaluation by option scoring, with bootstrap confidence intervals.
 
 ``kembed eval`` writes ``results.json`` (domain, split, mode, format, model, n, coverage (a trained
-run's knowledge coverage of the questions, :func:`run_coverage`), accuracy and
+run's knowledge coverage of the questions, :func:`run_knowledge`), accuracy and
 ci95 per scorer; ``index`` and ``top_k`` for retrieved-context, else null) and ``samples.jsonl`` (one line
 per question: id, per-option scores of every scorer, predicted and gold option; in
 retrieved-context also ``retrieved``, the ``[document index, score]`` of each retrieved
@@ -31,6 +31,7 @@ from kembed.prompts import truncate_knowledge
 from kembed.records import QARecord
 from kembed.scoring import DEFAULT_BATCH_TOKENS, SCORERS, OptionScorer
 from kembed.stats import bootstrap_ci
+from kembed.tables import ConsoleTables, markdown_table
 
 MODES = ("closed-book", "oracle-context", "retrieved-context")
 
@@ -218,32 +219,32 @@ def results_cells(rows: list[dict]) -> tuple[str, list[str], list[list[str]]]:
     return suffix, header, body
 
 
-def results_table(rows: list[dict], title: str = "Accuracy"):
-    """A rich table of results summaries, one row each (columns: :func:`results_cells`)."""
-    from rich.table import Table
-
+def results_table(rows: list[dict], title: str = "Accuracy") -> ConsoleTables:
+    """The :func:`results_cells` table for the console: short headers and a legend; when the
+    scorers do not fit the width side by side, the model and mode start each of several tables."""
     suffix, header, body = results_cells(rows)
-    table = Table(title=f"{title}: {suffix}" if suffix else title)
-    for col in header:
-        table.add_column(col, overflow="fold", justify="right" if "%" in col or col == "n" else "left")
-    for cells in body:
-        table.add_row(*cells)
-    return table
+    short = {f"{s} % [95% CI]": f"{s} %" for s in SCORERS} | {"answer in training knowledge": "answer known"}
+    key = header.index("mode") + 1
+    numbers = [i for i, h in enumerate(header) if h == "n" or h in short]
+    groups = [[key, key + 1], *([i] for i in range(key + 2, len(header) - 2)), [len(header) - 2, len(header) - 1]]
+    legend = ["<scorer> %: accuracy by that option scorer [95% bootstrap CI]; answer known: questions whose gold "
+              "answer is in the run's training knowledge / questions whose answer is in their own snippets"]
+    return ConsoleTables(f"{title}: {suffix}" if suffix else title, [short.get(h, h) for h in header], body,
+                         numbers=numbers, key=key, groups=groups, legend=legend)
 
 
 def results_markdown(rows: list[dict]) -> str:
-    """The same table as :func:`results_table` as GitHub-flavoured Markdown."""
+    """The same table as :func:`results_table` as GitHub-flavoured Markdown, full headers."""
     suffix, header, body = results_cells(rows)
-    lines = [f"Accuracy: {suffix}", ""] if suffix else []
-    lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(cells) + " |" for cells in body]
-    return "\n".join(lines)
+    return (f"Accuracy: {suffix}\n\n" if suffix else "") + markdown_table(header, body)
 
 
-def run_coverage(model: str, records: list[QARecord], data_dir=None) -> dict | None:
-    """Knowledge coverage (:func:`kembed.data.knowledge_coverage`) of ``records`` by the
-    training records of a kembed run (its ``data_sample.json``); None when ``model`` is not a run
-    with a saved sample, or the run trained on another domain.
+def run_knowledge(model: str, records: list[QARecord], data_dir=None) -> tuple[dict, dict[str, str]] | None:
+    """What a kembed run's training records (its ``data_sample.json``) teach of ``records``:
+    ``(coverage, classes)``, the counts of :func:`kembed.data.knowledge_coverage` and each
+    question's class (:func:`kembed.data.answer_knowledge`: taught, untaught or
+    no-answer-snippet); None when ``model`` is not a run with a saved sample, or the run
+    trained on another domain.
 
     Raises:
         KembedError, DataError: the run's domain data cannot be loaded.
@@ -252,7 +253,7 @@ def run_coverage(model: str, records: list[QARecord], data_dir=None) -> dict | N
 
     import yaml
 
-    from kembed.data import knowledge_coverage, load_records
+    from kembed.data import answer_knowledge, knowledge_coverage, load_records
 
     path = Path(model)
     if not (path / "data_sample.json").is_file() or not records:
@@ -261,7 +262,8 @@ def run_coverage(model: str, records: list[QARecord], data_dir=None) -> dict | N
     if domain != records[0].domain:
         return None
     ids = set(json.loads((path / "data_sample.json").read_text())["train_ids"])
-    return knowledge_coverage([r for r in load_records(domain, "train", data_dir) if r.id in ids], records)
+    train = [r for r in load_records(domain, "train", data_dir) if r.id in ids]
+    return knowledge_coverage(train, records), answer_knowledge(train, records)
 
 
 def run_training(model: str) -> str | None:

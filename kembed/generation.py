@@ -55,7 +55,7 @@ class LocalGenerator:
         user prompt; ``progress(n)`` is called as each n prompts finish."""
         import torch
 
-        from kembed.methods.common import left_pad
+        from kembed.tensors import left_pad
         from kembed.scoring import run_halving
 
         tok = self.tokenizer

@@ -13,7 +13,7 @@ from collections.abc import Sequence
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from kembed.records import QARecord
 
@@ -79,7 +79,7 @@ class PromptFormat(BaseModel):
     answer_prefix: str = " "
     chat_closed_book: str = "{question}"
     chat_with_knowledge: str = "Knowledge:\n{knowledge}\n\nQuestion: {question}"
-    knowledge_max_tokens: int = 384
+    knowledge_max_tokens: int = Field(384, ge=0)
 
     @model_validator(mode="before")
     @classmethod

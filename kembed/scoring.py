@@ -231,12 +231,12 @@ def logprob_sums_shared_prefix(model, questions: list[tuple[list[int], list[list
         real[i, : len(o)] = True
     token_lp = first_logp[owner, ids[:, 0]].unsqueeze(1)  # [N, 1]
     if M > 1:
-        cache = out.past_key_values
+        cache = out.cache
         cache.batch_select_indices(owner)  # [B, ...] -> [N, ...]: each question's row once per option
         attention = torch.cat([prefix_attention[owner], real.long()], 1)  # [N, P + M]
         option_positions = prompt_len[owner].unsqueeze(1) + torch.arange(M, device=device)  # [N, M]
         logits = model(input_ids=ids, attention_mask=attention, position_ids=option_positions,
-                       past_key_values=cache, logits_to_keep=M).logits  # [N, M, v]
+                       cache=cache, logits_to_keep=M).logits  # [N, M, v]
         # only positions whose next token is a real option token: padding skips the fp32 softmax
         scored = real[:, 1:]  # [N, M-1]: position t predicts option token t + 1
         rows = logits[:, :-1][scored].float()  # [R, v]

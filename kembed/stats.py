@@ -14,7 +14,6 @@ intervals are fractions in [0, 1], not percent.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping, Sequence
 
 import numpy as np
@@ -140,7 +139,8 @@ def paired_accuracy(a: Mapping[str, bool], b: Mapping[str, bool], *, resamples: 
 
 
 def wilson_interval(k: int, n: int, level: float = 0.95) -> list[float]:
-    """Wilson score interval of the proportion k / n (Wilson 1927).
+    """Wilson score interval of the proportion k / n (Wilson 1927), without continuity
+    correction: scipy's ``binomtest(k, n).proportion_ci(method="wilson")``.
 
     Args:
         k: successes (int, 0 <= k <= n).
@@ -157,14 +157,10 @@ def wilson_interval(k: int, n: int, level: float = 0.95) -> list[float]:
         raise ValueError(f"need 0 <= k <= n, got k={k}, n={n}")
     if n == 0:
         return [0.0, 1.0]
-    from scipy.stats import norm
+    from scipy.stats import binomtest
 
-    z = float(norm.ppf((1 + level) / 2))
-    p = k / n
-    denom = 1 + z * z / n
-    center = (p + z * z / (2 * n)) / denom
-    half = z / denom * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
-    return [max(0.0, center - half), min(1.0, center + half)]
+    ci = binomtest(k, n).proportion_ci(confidence_level=level, method="wilson")
+    return [float(ci.low), float(ci.high)]
 
 
 def sign_test(wins: int, losses: int) -> float:
@@ -215,3 +211,79 @@ def win_rate(outcomes: Sequence[str], *, resamples: int = 2000, seed: int = 0, l
                    ci95=bootstrap_ci([OUTCOMES[o] for o in outcomes], resamples=resamples, seed=seed,
                                      level=level))
     return out
+
+
+def seeds_bootstrap_diff(a: Sequence[Sequence], b: Sequence[Sequence], *, resamples: int = 2000, seed: int = 0,
+                         level: float = 0.95) -> dict:
+    """Two-level bootstrap of the difference of mean accuracy between two models trained with
+    several seeds each (or one model, e.g. the base model, with a single run), on the same
+    questions.
+
+    Each resample first draws each model's seeds with replacement (independently: the seeds of
+    two methods are unrelated), then one set of question indices with replacement, shared by
+    both models (the questions are the same, so the difference stays paired), and takes the
+    mean over the drawn seeds and questions (Davison & Hinkley 1997, *Bootstrap Methods and
+    their Application*, sec. 3.8, the two-stage bootstrap of a hierarchical sample). With one
+    seed per model it is :func:`paired_bootstrap_diff`.
+
+    Args:
+        a: model A's runs, ``[K_a][n]``: one bool (correct) or float score per question per seed.
+        b: model B's runs, ``[K_b][n]``, the same questions in the same order.
+        resamples: bootstrap resamples.
+        seed: seed of the resampling generator.
+        level: coverage (0.95 gives the 2.5th and 97.5th percentiles).
+
+    Returns:
+        ``{"n": questions, "seeds_a": K_a, "seeds_b": K_b, "diff": mean(a) - mean(b), "ci95":
+        [low, high]}``, fractions; diff 0.0 and ``[0.0, 0.0]`` for no questions.
+
+    Raises:
+        ValueError: no runs on a side, or runs that differ in their number of questions.
+    """
+    if not len(a) or not len(b):
+        raise ValueError("each model needs at least one run")
+    x, y = np.asarray(a, dtype=float), np.asarray(b, dtype=float)  # [K_a, n], [K_b, n]
+    if x.ndim != 2 or y.ndim != 2 or x.shape[1] != y.shape[1]:
+        raise ValueError(f"runs differ in their number of questions: {[len(r) for r in a]} vs {[len(r) for r in b]}")
+    n = x.shape[1]
+    if n == 0:
+        return {"n": 0, "seeds_a": len(x), "seeds_b": len(y), "diff": 0.0, "ci95": [0.0, 0.0]}
+    rng = np.random.default_rng(seed)
+    diffs = np.empty(resamples)
+    for i in range(resamples):
+        sa = rng.integers(0, len(x), size=len(x))  # seeds of A
+        sb = rng.integers(0, len(y), size=len(y))  # seeds of B
+        q = rng.integers(0, n, size=n)  # questions, shared
+        diffs[i] = x[sa][:, q].mean() - y[sb][:, q].mean()
+    tail = (1 - level) / 2 * 100
+    low, high = np.percentile(diffs, [tail, 100 - tail])
+    return {"n": n, "seeds_a": len(x), "seeds_b": len(y), "diff": float(x.mean() - y.mean()),
+            "ci95": [float(low), float(high)]}
+
+
+def seeds_accuracy(runs: Sequence[Mapping[str, bool]], reference: Sequence[Mapping[str, bool]], *,
+                   resamples: int = 2000, seed: int = 0) -> dict:
+    """A model's accuracy over several training seeds, against a reference model (one run or
+    several), on the question ids every run shares (sorted).
+
+    Args:
+        runs: per seed, question id -> True when correct.
+        reference: the same for the reference model (e.g. ``[base]``).
+
+    Returns:
+        ``{"n": shared ids, "seeds": K, "accuracies": per-seed accuracy, "mean", "sd" (sample
+        standard deviation over seeds, 0.0 for one seed), "diff", "ci95"}`` from
+        :func:`seeds_bootstrap_diff` (two-level: seeds, then questions); fractions.
+
+    Raises:
+        ValueError: no runs on a side.
+    """
+    if not runs or not reference:
+        raise ValueError("each model needs at least one run")
+    ids = sorted(set.intersection(*(set(r) for r in [*runs, *reference])))
+    x = [[bool(r[i]) for i in ids] for r in runs]
+    y = [[bool(r[i]) for i in ids] for r in reference]
+    accs = [sum(row) / len(ids) if ids else 0.0 for row in x]
+    boot = seeds_bootstrap_diff(x, y, resamples=resamples, seed=seed)
+    return {"n": len(ids), "seeds": len(runs), "accuracies": accs, "mean": float(np.mean(accs)),
+            "sd": float(np.std(accs, ddof=1)) if len(accs) > 1 else 0.0, "diff": boot["diff"], "ci95": boot["ci95"]}

@@ -59,6 +59,7 @@ class TrainContext:
     dev_records: list[QARecord] = field(default_factory=list)
     console: Console = field(default_factory=Console)
     progress: Progress | None = None
+    _knowledge_logged: int = field(default=-1, repr=False)
 
     @contextmanager
     def task(self, description: str, total: int):
@@ -68,6 +69,40 @@ class TrainContext:
             yield lambda n=1: self.progress.advance(task_id, n)
         finally:
             self.progress.remove_task(task_id)
+
+    def knowledge_documents(self) -> list[str]:
+        """The domain text this run may read (``config.knowledge``), and the record of it in
+        ``metrics.jsonl`` (a ``knowledge`` event: setting, documents, their sha256).
+
+        ``records``: the unique knowledge snippets of the training records, in first-seen
+        order; ``knowledge-base``: :func:`kembed.retrieval.domain_documents`.
+
+        Raises:
+            KembedError: no documents (a ``records`` sample without snippets, or an empty
+                knowledge base).
+        """
+        from kembed.retrieval import documents_sha256, domain_documents
+
+        if self.config.knowledge == "knowledge-base":
+            documents = domain_documents(self.config.domain, self.config.data_dir)
+        else:
+            documents = list(dict.fromkeys(z.strip() for r in self.records for z in r.knowledge if z.strip()))
+        if not documents:
+            raise KembedError(f"knowledge={self.config.knowledge}: the {len(self.records)} training records of "
+                              f"{self.config.domain} carry no knowledge snippets to read")
+        if self._knowledge_logged != len(documents):
+            self.run.log("knowledge", setting=self.config.knowledge, documents=len(documents),
+                         sha256=documents_sha256(documents))
+            self._knowledge_logged = len(documents)
+        return documents
+
+    def knowledge_index(self, kind: str):
+        """A retrieval index (:func:`kembed.retrieval.build_index`) over
+        :meth:`knowledge_documents`: what RAFT's retrieved distractors and SimRAG's round-trip
+        filter search."""
+        from kembed.retrieval import build_index
+
+        return build_index(self.config.domain, kind, self.config.data_dir, documents=self.knowledge_documents())
 
     def fit(self, examples: list[dict], collate, loss_fn, *, epochs: float, seed: int, label: str) -> dict:
         """Train on ``examples`` through the shared backend, logging every step to metrics.jsonl.
@@ -179,7 +214,7 @@ def train(method: str, *, recipe: str | None = None, overrides: list[str] = (), 
     """
     from transformers import set_seed
 
-    from kembed.data import VALIDATION_SPLIT, held_out_splits, knowledge_coverage, load_records, training_sample
+    from kembed.data import AUTO_VALIDATION, VALIDATION_SPLIT, held_out_splits, knowledge_coverage, load_records, training_sample
     from kembed.methods import get_method
     from kembed.models import choose_placement, load_model, load_tokenizer
     from kembed.trainer import per_device_batch_size
@@ -211,8 +246,14 @@ def train(method: str, *, recipe: str | None = None, overrides: list[str] = (), 
 
     # load (and so validate) the data before anything is written
     sample = training_sample(load_records(run_cfg.domain, "train", run_cfg.data_dir), limit=run_cfg.limit,
-                             validation=run_cfg.validation, seed=run_cfg.seed)
+                             validation=run_cfg.validation, seed=run_cfg.data_seed)
     records, held_out = sample.train, held_out_splits(run_cfg.domain, run_cfg.data_dir, sample)
+    held = f"{len(sample.validation)} held out for validation"
+    if run_cfg.validation is None:  # sized to the domain; the saved config records the number chosen
+        held += f" ({AUTO_VALIDATION})"
+        run_cfg.validation = len(sample.validation)
+        if not resume:
+            resolved["validation"] = run_cfg.validation
     dev = held_out.get(run_cfg.eval.split, [])[: run_cfg.eval.limit]
     if run_cfg.eval.split and not dev:
         why = "validation = 0" if run_cfg.eval.split == VALIDATION_SPLIT else "no such split"
@@ -234,7 +275,7 @@ def train(method: str, *, recipe: str | None = None, overrides: list[str] = (), 
     run.log("start", resume=resume, records=len(records), dev_records=len(dev),
             device=placement.device, precision=placement.precision, processes=distributed.world_size())
     processes = f" x {distributed.world_size()} processes" if distributed.world_size() > 1 else ""
-    console.print(f"[bold]kembed train {method}[/] on {run_cfg.domain}: {len(records)} training records, "
+    console.print(f"[bold]kembed train {method}[/] on {run_cfg.domain}: {len(records)} training records, {held}, "
                   f"model {run_cfg.model}, {placement.device}/{placement.precision}{processes}, run {run.path}"
                   + (f" (resuming after iteration {run.state['iterations_done']})" if resuming else ""))
     start = time.time()

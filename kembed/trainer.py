@@ -8,7 +8,6 @@ logging into the run directory. A method supplies examples, a collator and a los
 
 from __future__ import annotations
 
-import math
 import tempfile
 from collections import defaultdict
 from pathlib import Path
@@ -25,15 +24,20 @@ from kembed.models import Placement
 #: ``loss_fn(model, batch) -> (loss, metrics)``: a scalar loss tensor and floats to log.
 LossFn = Callable[[torch.nn.Module, dict], tuple[torch.Tensor, dict[str, float]]]
 
-#: ``train.lr_scheduler`` value of the RLAG authors' schedule (see :func:`cosine_warmup_constant`).
+#: ``train.lr_scheduler`` value of the RLAG authors' schedule (their train.py; see :func:`scheduler_arguments`).
 COSINE_WARMUP_CONSTANT = "cosine_warmup_constant"
 
 
-def cosine_warmup_constant(warmup_steps: int) -> Callable[[int], float]:
-    """LR factor of the RLAG authors' schedule (their train.py): a cosine-shaped warm-up,
-    ``0.5 * (1 - cos(pi * step / warmup_steps))`` for ``step < warmup_steps`` (0 at step 0),
-    then 1 (constant). ``warmup_steps = ceil(warmup_ratio * total optimiser steps)``."""
-    return lambda step: 0.5 * (1.0 - math.cos(math.pi * step / warmup_steps)) if step < warmup_steps else 1.0
+def scheduler_arguments(name: str) -> dict:
+    """The ``TrainingArguments`` fields of the ``train.lr_scheduler`` value ``name``: a
+    transformers scheduler name as it is, or :data:`COSINE_WARMUP_CONSTANT`, the RLAG authors'
+    LR factor ``0.5 * (1 - cos(pi * step / warmup_steps))`` for ``step < warmup_steps`` (0 at
+    step 0), then 1 (constant), with ``warmup_steps = ceil(warmup_ratio * total optimiser
+    steps)``: transformers' ``warmup_stable_decay`` with a cosine warm-up and no decay."""
+    if name == COSINE_WARMUP_CONSTANT:
+        return {"lr_scheduler_type": "warmup_stable_decay",
+                "lr_scheduler_kwargs": {"warmup_type": "cosine", "num_decay_steps": 0}}
+    return {"lr_scheduler_type": name}
 
 
 def per_device_batch_size(batch_size: int) -> int:
@@ -67,9 +71,9 @@ class MethodTrainer(Trainer):
     """A ``Trainer`` whose loss comes from the method (``loss_fn``); the floats the loss
     function returns are averaged between logging steps and logged next to the loss."""
 
-    def __init__(self, *args, loss_fn: LossFn, schedule: str | None = None, **kwargs):
+    def __init__(self, *args, loss_fn: LossFn, **kwargs):
         super().__init__(*args, **kwargs)
-        self.loss_fn, self.schedule = loss_fn, schedule
+        self.loss_fn = loss_fn
         self.loss_is_scaled_for_ga = False  # our loss is a per-micro-batch mean: scale it for GA
         self._pending = defaultdict(list)
 
@@ -78,13 +82,6 @@ class MethodTrainer(Trainer):
         for key, value in metrics.items():
             self._pending[key].append(value)
         return (loss, None) if return_outputs else loss
-
-    def create_scheduler(self, num_training_steps: int, optimizer=None):
-        if self.schedule != COSINE_WARMUP_CONSTANT or self.lr_scheduler is not None:
-            return super().create_scheduler(num_training_steps, optimizer)
-        warmup = self.args.get_warmup_steps(num_training_steps)
-        self.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer or self.optimizer, cosine_warmup_constant(warmup))
-        return self.lr_scheduler
 
     def log(self, logs: dict, *args, **kwargs) -> None:
         if "loss" in logs:  # a step's log: on every rank at once, so the gather below is safe
@@ -146,7 +143,7 @@ def fit(model, examples: list[dict], collate: Callable[[list[dict]], dict], loss
             per_device_train_batch_size=per_device,
             gradient_accumulation_steps=cfg.grad_accum,
             learning_rate=cfg.learning_rate,
-            lr_scheduler_type="constant" if cfg.lr_scheduler == COSINE_WARMUP_CONSTANT else cfg.lr_scheduler,
+            **scheduler_arguments(cfg.lr_scheduler),
             warmup_steps=cfg.warmup_ratio,  # a float below 1 is a ratio of the total steps
             max_grad_norm=cfg.max_grad_norm,
             weight_decay=cfg.weight_decay,
@@ -171,7 +168,7 @@ def fit(model, examples: list[dict], collate: Callable[[list[dict]], dict], loss
             ddp_find_unused_parameters=False,
         )
         trainer = MethodTrainer(model=model, args=args, train_dataset=ListDataset(examples),
-                                data_collator=collate, loss_fn=loss_fn, schedule=cfg.lr_scheduler,
+                                data_collator=collate, loss_fn=loss_fn,
                                 callbacks=[_RunLogger(on_log, on_step)])
         # the trainer's default console printer duplicates our own logging
         from transformers.trainer_callback import PrinterCallback, ProgressCallback

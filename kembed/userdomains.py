@@ -1,6 +1,8 @@
 """Users' own domains: ``kembed data import NAME --qa FILE [--test FILE] [--corpus PATH]``.
 
-An imported domain is stored in the data directory as ``<data dir>/user/<NAME>/``:
+An imported domain is stored in the user's own folder, :func:`kembed.data.user_domains_dir`
+(``$KEMBED_DOMAINS_DIR``, else ``domains/`` in kembed's per-user data directory), as
+``<domains dir>/<NAME>/``; the data directory of the built-in datasets is never written:
 
 - ``train.jsonl``, ``test.jsonl``: the question records in the RLAG schema, one JSON object
   per line (``idx``, ``question``, ``prompt`` when given, ``options``, ``answer`` and/or
@@ -13,7 +15,7 @@ An imported domain is stored in the data directory as ``<data dir>/user/<NAME>/`
 - ``domain.json``: the domain spec (splits, knowledge base) and how it was made (sources, test
   split, retrieval, corpus counts).
 
-The folder is written as a hidden temporary sibling (``user/.NAME.*.partial``), checked by
+The folder is written as a hidden temporary sibling (``<domains dir>/.NAME.*.partial``), checked by
 loading it back through :func:`kembed.data.load_spec_split`, and renamed into place only then,
 so a failed import leaves nothing behind (and ``--replace`` keeps the old domain until the
 new one is complete).
@@ -54,8 +56,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from kembed import data
-from kembed.data import (DOMAINS, USER_DOMAIN_FILE, USER_DOMAIN_FORMAT, USER_DOMAIN_NAME, USER_FOLDER, DomainSpec,
-                         SplitReport, user_domain_dir)
+from kembed.data import DOMAINS, USER_DOMAIN_FILE, USER_DOMAIN_FORMAT, USER_DOMAIN_NAME, DomainSpec, SplitReport
 from kembed.errors import DataError, KembedError
 
 if TYPE_CHECKING:
@@ -224,8 +225,7 @@ def check_name(name: str) -> None:
 
 
 def import_domain(name: str, qa: str | os.PathLike, test: str | os.PathLike | None = None,
-                  corpus: str | os.PathLike | None = None, data_dir: str | os.PathLike | None = None,
-                  replace: bool = False) -> ImportResult:
+                  corpus: str | os.PathLike | None = None, replace: bool = False) -> ImportResult:
     """Validate and store a user domain (see the module docstring).
 
     Args:
@@ -233,8 +233,6 @@ def import_domain(name: str, qa: str | os.PathLike, test: str | os.PathLike | No
         qa: the question file of the train split (JSON array or JSON lines, RLAG schema).
         test: the question file of the test split; without it a seeded 20% of ``qa`` is held out.
         corpus: the knowledge documents (.txt, .jsonl or a folder of .txt/.md files).
-        data_dir: the data directory (see :func:`kembed.data.choose_data_dir`); created when
-            missing.
         replace: replace an existing user domain of that name.
 
     Returns:
@@ -246,10 +244,10 @@ def import_domain(name: str, qa: str | os.PathLike, test: str | os.PathLike | No
         DataError: any malformed input, naming the file, record and field.
     """
     check_name(name)
-    root, _ = data.choose_data_dir(data_dir)
+    root = data.user_domains_dir()
     if root.exists() and not root.is_dir():
-        raise KembedError(f"{root} (the data directory) is not a directory")
-    target = user_domain_dir(name, root)
+        raise KembedError(f"{root} (the folder of user domains) is not a directory")
+    target = data.user_domain_dir(name, root)
     if target.exists() and not replace:
         raise KembedError(f"user domain '{name}' already exists in {target}; pass --replace to overwrite it")
     qa_path, test_path = Path(qa).expanduser(), Path(test).expanduser() if test is not None else None
@@ -306,7 +304,7 @@ def import_domain(name: str, qa: str | os.PathLike, test: str | os.PathLike | No
         "context": {"retrieved": len(missing), "no_match": empty, "index": CONTEXT_INDEX, "top_k": CONTEXT_TOP_K},
         "corpus": corpus_report.to_dict() if corpus_report else None,
     }
-    spec = DomainSpec(name, f"{USER_FOLDER}/{name}", {s: (f,) for s, f in SPLIT_FILES.items()},
+    spec = DomainSpec(name, str(target), {s: (f,) for s, f in SPLIT_FILES.items()},
                       knowledge_base=meta["knowledge_base"], description=meta["description"], user=True)
     reports = _write(target, meta, {"train": train_rows, "test": test_rows}, documents, spec)
     return ImportResult(spec, target, reports, corpus_report, len(missing), empty, test_from)

@@ -1,10 +1,12 @@
 """Run several ``kembed`` commands one after another in one process, for tests that start
 several processes: ``accelerate launch tests/launch_cli.py train rlag ... --- eval ...``.
 One launch (one import of torch per process) serves every command; a command that fails ends
-the process with its exit code."""
+the process with its exit code; after the last one the process group is torn down, as
+``kembed.cli.run`` does after a command."""
 
 import sys
 
+from kembed import distributed
 from kembed.cli import app
 
 
@@ -19,6 +21,7 @@ def main(argv: list[str]) -> int:
         code = app(command, prog_name="kembed", standalone_mode=False)
         if code:
             return code
+    distributed.shutdown()
     return 0
 
 

@@ -94,6 +94,38 @@ def test_single_process_helpers_are_no_ops():
         distributed.gather([1, 2, 3], 4)
 
 
+def test_shutdown_destroys_the_process_group():
+    """A joined group (here one gloo rank) is gone after shutdown; alone it is a no-op."""
+    import torch.distributed as dist
+
+    distributed.shutdown()  # no group: nothing to do
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
+    try:
+        distributed.shutdown()
+        assert not dist.is_initialized()
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("argv, code, torn_down", [(["--help"], 0, True), (["no-such-command"], 2, False)])
+def test_cli_tears_down_after_a_command_that_succeeded(monkeypatch, argv, code, torn_down):
+    """``kembed`` (``cli.run``) leaves the group after success; after a failure the other ranks
+    may be inside a collective, so it does not wait for them."""
+    from kembed import cli
+
+    calls = []
+    monkeypatch.setattr(distributed, "shutdown", lambda: calls.append(1))
+    monkeypatch.setattr(sys, "argv", ["kembed", *argv])
+    if code:
+        with pytest.raises(SystemExit) as end:
+            cli.run()
+        assert end.value.code == code
+    else:
+        cli.run()
+    assert calls == ([1] if torn_down else [])
+
+
 def test_gather_restores_the_order_of_an_interleaved_split(monkeypatch):
     items = list("abcdefg")
     parts = [items[r::3] for r in range(3)]  # what 3 ranks' shards hold

@@ -57,8 +57,20 @@ def test_raft_record_without_knowledge_has_no_oracle():
 def test_raft_retrieved_distractors_are_hard_negatives_without_the_oracle():
     record = QARecord("q1", "toy", "train", "Where does the Eiffel Tower stand?", ("Paris", "Rome"), ("A", "B"), 0,
                       ("The Eiffel Tower stands in Paris near the Seine.",))
-    docs = raft.choose_distractors(record, list(record.knowledge), 2, DOCS, random.Random(0), FakeIndex(DOCS))
-    assert len(docs) == 2 and record.knowledge[0] not in docs
+    docs, replaced = raft.choose_distractors(record, list(record.knowledge), 2, DOCS, random.Random(0), FakeIndex(DOCS))
+    assert len(docs) == 2 and record.knowledge[0] not in docs and replaced == 0
+
+
+@pytest.mark.parametrize("retrieved", [True, False])
+def test_raft_distractors_never_contain_the_gold_answer(retrieved):
+    record = QARecord("q1", "toy", "train", "Where does the Eiffel Tower stand?", ("Paris", "Rome"), ("A", "B"), 0,
+                      ("The Eiffel Tower stands in Paris near the Seine.",))
+    leaky = ["The Eiffel Tower was finished in 1889 in  PARIS.", "Paris hosts the tower of Eiffel."]
+    docs_all = leaky + DOCS[:4]  # six documents: two carry the answer, one of them ranked first
+    docs, replaced = raft.choose_distractors(record, list(record.knowledge), 4, docs_all, random.Random(0),
+                                             FakeIndex(docs_all) if retrieved else None)
+    assert len(docs) == 4 and not any("paris" in d.lower() for d in docs)
+    assert replaced == 2
 
 
 def test_raft_shuffles_document_order():

@@ -286,10 +286,3 @@ def test_reference_prompt_preset_has_instruction_options_and_knowledge():
     assert PromptFormat().scoring_prompt(record, None) == record.question  # bare: the paper's scoring prompt
     custom = PromptFormat.model_validate({"preset": "reference", "closed_book": "Q: {question}"})
     assert custom.scoring_prompt(record, None) == f"Q: {record.question}"  # an explicit template wins
-
-
-def test_cosine_warmup_then_constant_schedule():
-    from kembed.trainer import cosine_warmup_constant
-
-    f = cosine_warmup_constant(4)
-    assert [round(f(s), 4) for s in range(6)] == [0.0, 0.1464, 0.5, 0.8536, 1.0, 1.0]

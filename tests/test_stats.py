@@ -49,6 +49,26 @@ def test_wilson_interval_hand_computed():
     assert low == pytest.approx(0.0, abs=1e-12) and 0 < high < 1
 
 
+def wilson_reference(k: int, n: int, level: float = 0.95) -> list[float]:
+    """The Wilson score interval by its formula (Wilson 1927), kembed's code before scipy's."""
+    from scipy.stats import norm
+
+    z = float(norm.ppf((1 + level) / 2))
+    p = k / n
+    denom = 1 + z * z / n
+    center = (p + z * z / (2 * n)) / denom
+    half = z / denom * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
+    return [max(0.0, center - half), min(1.0, center + half)]
+
+
+@pytest.mark.parametrize("level", [0.8, 0.95, 0.99])
+def test_wilson_interval_equals_the_formula(level):
+    for n in (1, 2, 7, 10, 117, 1272):
+        for k in sorted({0, 1, n // 3, n // 2, n - 1, n}):
+            assert wilson_interval(k, n, level) == pytest.approx(wilson_reference(k, n, level), abs=1e-12), (k, n)
+    assert wilson_interval(0, 0, level) == [0.0, 1.0]
+
+
 def test_wilson_interval_rejects_bad_counts():
     with pytest.raises(ValueError):
         wilson_interval(11, 10)

@@ -256,20 +256,24 @@ def _slug(text: str) -> str:
 
 
 def pairwise_table(results: list[dict]):
-    """A rich table of :func:`run_pairwise` results: wins, losses, ties, win rate (W + T/2)/N with
-    its paired bootstrap 95% CI, the sign test on wins vs losses, the order-flip rate and the
-    failed judge calls."""
-    from rich.table import Table
+    """The console table of :func:`run_pairwise` results (:class:`kembed.tables.ConsoleTables`):
+    wins, losses, ties, win rate (W + T/2)/N with its paired bootstrap 95% CI, the sign test on
+    wins vs losses, the order-flip rate, the failed judge calls and the tokens used."""
+    from kembed.tables import ConsoleTables
 
-    table = Table(title="pairwise explanation judge (run vs reference, both orders must agree)", title_justify="left")
-    for col in ("run", "vs", "n", "wins", "losses", "ties", "win rate % [95% CI]", "sign test p", "order flips %",
-                "judge failed", "tokens"):
-        table.add_column(col, justify="left" if col in ("run", "vs") else "right")
+    header = ["run", "vs", "n", "W", "L", "T", "win rate %", "sign p", "flips %", "failed", "tokens"]
+    body = []
     for r in results:
         s = r["stats"]
         flips = "-" if r["order_flip_rate"] is None else f"{100 * r['order_flip_rate']:.0f}"
         tokens = r["usage"].get("prompt_tokens", 0) + r["usage"].get("completion_tokens", 0)
-        table.add_row(r["run"], r["reference"], str(s["n"]), str(s["wins"]), str(s["losses"]), str(s["ties"]),
-                      f"{100 * s['win_rate']:.1f} [{100 * s['ci95'][0]:.1f}, {100 * s['ci95'][1]:.1f}]",
-                      f"{s['sign_test_p']:.3f}", flips, str(r["judge_failed"]), str(tokens))
-    return table
+        body.append([r["run"], r["reference"], str(s["n"]), str(s["wins"]), str(s["losses"]), str(s["ties"]),
+                     f"{100 * s['win_rate']:.1f} [{100 * s['ci95'][0]:.1f}, {100 * s['ci95'][1]:.1f}]",
+                     f"{s['sign_test_p']:.3f}", flips, str(r["judge_failed"]), str(tokens)])
+    legend = ["W, L, T: wins, losses, ties of the run; win rate %: (W + T/2) / n [paired bootstrap 95% CI]; "
+              "sign p: sign test on wins vs losses; "
+              "flips %: judged questions whose two orders disagree; failed: questions a judge call failed on; "
+              "tokens: prompt + completion tokens"]
+    return ConsoleTables("pairwise explanation judge (run vs reference, both orders must agree)", header, body,
+                         numbers=range(2, len(header)), key=2, groups=[[2, 3, 4, 5], [6, 7], [8, 9, 10]],
+                         legend=legend)

@@ -3,8 +3,12 @@ answer-only causal-LM loss."""
 
 from __future__ import annotations
 
+import re
+
 import torch
 import torch.nn.functional as F
+
+from kembed.tensors import left_pad
 
 
 def chat_answer_ids(tokenizer, user: str, answer: str, span: str = "answer") -> tuple[list[int], list[int]]:
@@ -36,12 +40,6 @@ def chat_answer_ids(tokenizer, user: str, answer: str, span: str = "answer") -> 
     else:
         start, end = len(prompt_ids), len(prompt_ids) + len(answer_ids)
     return ids, [int(start <= i < end) for i in range(len(ids))]
-
-
-def left_pad(rows: list[list[int]], value: int) -> torch.Tensor:
-    """``[n, longest]`` tensor of the rows, padded on the left with ``value``."""
-    longest = max(len(r) for r in rows)
-    return torch.tensor([[value] * (longest - len(r)) + r for r in rows])
 
 
 def make_lm_collate(pad_id: int):
@@ -97,3 +95,25 @@ def fit_lm(ctx, examples: list[dict], epochs: float, label: str) -> dict:
     shared backend (``TrainContext.fit``): the one training call of CPT, SFT, RAFT and SimRAG."""
     return ctx.fit(examples, make_lm_collate(ctx.tokenizer.pad_token_id), lm_loss, epochs=epochs,
                    seed=ctx.config.seed, label=label)
+
+
+def save_examples(ctx, label: str, rows: list[dict]) -> None:
+    """Write the text of the examples a training stage trains on to the run directory,
+    ``examples/<NNN>-<label>.jsonl`` (NNN: the iteration the stage completes, so the names sort
+    in training order), for ``kembed data export`` and for readers without kembed.
+
+    Args:
+        label: the stage's name (``sft``, ``stage II``, ``iteration 2/3``, ...).
+        rows: one per example, by kind: ``{"prompt", "completion"}`` (one user turn and the
+            assistant's reply: SFT, RAFT, SimRAG), ``{"text"}`` (a document: CPT) or
+            ``{"prompt", "augmented_prompt", "chosen", "rejected", "knowledge"}`` (RLAG: the
+            chosen answer is trained given ``augmented_prompt``, the rejected one given
+            ``prompt``).
+    """
+    from kembed import distributed
+    from kembed.runs import write_jsonl
+
+    if distributed.is_main():
+        stage = ctx.run.state.get("iterations_done", 0) + 1
+        name = re.sub(r"[^a-z0-9]+", "-", label.lower()).strip("-")
+        write_jsonl(ctx.run.path / "examples" / f"{stage:03d}-{name}.jsonl", rows)

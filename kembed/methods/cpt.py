@@ -1,18 +1,17 @@
 """CPT: continual pre-training, causal-LM loss on every token of the domain knowledge text
 (methods.md, "CPT"): each document wrapped BOS + text + EOS, concatenated and cut into
-fixed-size token blocks. The text (``cpt.corpus``) is either ``knowledge-base``, the domain's
-knowledge base as the paper does (else the unique train-split snippets,
-:func:`kembed.retrieval.domain_documents`), or ``train-snippets``, the unique knowledge snippets
-of the run's training records: the same knowledge RLAG, RAFT and SimRAG see. Never the test
-split's snippets.
+fixed-size token blocks. The text is what the run's ``knowledge`` setting allows
+(:meth:`kembed.train.TrainContext.knowledge_documents`): ``records``, the unique knowledge
+snippets of the run's training records, the knowledge every method of a comparison sees; or
+``knowledge-base``, the domain's knowledge base, as the paper does.
 """
 
 from __future__ import annotations
 
-from typing import Literal
+from pydantic import Field
 
 from kembed.config import Strict
-from kembed.methods.common import fit_lm
+from kembed.methods.common import fit_lm, save_examples
 
 NAME = "cpt"
 DESCRIPTION = "CPT: causal-LM loss on the domain knowledge text in fixed-size token blocks"
@@ -25,15 +24,11 @@ class Config(Strict):
         block_size: tokens per training block (reference: 256).
         epochs: passes over the blocks.
         max_blocks: use only the first N blocks (``null``: all), for CPU-scale runs.
-        corpus: ``knowledge-base`` (the paper) or ``train-snippets`` (the training records'
-            snippets, the knowledge the other methods are given).
     """
 
-    corpus: Literal["knowledge-base", "train-snippets"] = "knowledge-base"
-
-    block_size: int = 256
-    epochs: float = 1
-    max_blocks: int | None = None
+    block_size: int = Field(256, ge=2)  # a block of one token has no next token to predict
+    epochs: float = Field(1, gt=0)
+    max_blocks: int | None = Field(None, ge=1)
 
 
 def token_blocks(tokenizer, documents: list[str], block_size: int) -> list[list[int]]:
@@ -46,18 +41,27 @@ def token_blocks(tokenizer, documents: list[str], block_size: int) -> list[list[
     return [stream[i:i + block_size] for i in range(0, len(stream) - block_size + 1, block_size)]
 
 
+def trained_documents(tokenizer, documents: list[str], n_tokens: int) -> list[str]:
+    """The documents that start within the first ``n_tokens`` tokens of the :func:`token_blocks`
+    stream: those whose text the trained blocks hold (the last one possibly cut)."""
+    kept, start = [], 0
+    for doc in documents:
+        if start >= n_tokens:
+            break
+        kept.append(doc)
+        start += len(tokenizer(doc, add_special_tokens=False)["input_ids"]) + 2  # BOS + text + EOS
+    return kept
+
+
 def run_stage(ctx, cfg: Config, label: str) -> None:
     """Train CPT on the domain documents through the shared backend (used by ``cpt-sft`` too)."""
-    from kembed.retrieval import domain_documents
-
-    if cfg.corpus == "knowledge-base":
-        documents = domain_documents(ctx.config.domain, ctx.config.data_dir)
-    else:
-        documents = list(dict.fromkeys(z for r in ctx.records for z in r.knowledge))  # unique, first-seen order
+    documents = ctx.knowledge_documents()
     blocks = token_blocks(ctx.tokenizer, documents, cfg.block_size)[: cfg.max_blocks]
-    ctx.run.log("cpt_corpus", corpus=cfg.corpus, documents=len(documents), blocks=len(blocks), block_size=cfg.block_size)
-    ctx.console.print(f"CPT corpus ({cfg.corpus}): {len(documents)} documents -> {len(blocks)} blocks of "
+    ctx.run.log("cpt_corpus", knowledge=ctx.config.knowledge, documents=len(documents), blocks=len(blocks), block_size=cfg.block_size)
+    ctx.console.print(f"CPT corpus (knowledge={ctx.config.knowledge}): {len(documents)} documents -> {len(blocks)} blocks of "
                       f"{cfg.block_size} tokens")
+    trained = trained_documents(ctx.tokenizer, documents, len(blocks) * cfg.block_size)
+    save_examples(ctx, label, [{"text": doc} for doc in trained])
     examples = [{"input_ids": b, "loss_mask": [1] * len(b)} for b in blocks]
     fit_lm(ctx, examples, cfg.epochs, label)
 

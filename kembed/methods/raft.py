@@ -21,10 +21,10 @@ import random
 import re
 from typing import Literal
 
-from pydantic import model_validator
+from pydantic import Field, model_validator
 
 from kembed.config import Strict
-from kembed.methods.common import chat_answer_ids, fit_lm
+from kembed.methods.common import chat_answer_ids, fit_lm, save_examples
 from kembed.prompts import cut_tokens, documents_prompt
 from kembed.records import QARecord
 
@@ -43,7 +43,7 @@ class TeacherConfig(Strict):
     model: str
     url: str | None = None
     api_key_env: str | None = None
-    max_new_tokens: int = 256
+    max_new_tokens: int = Field(256, ge=1)
 
 
 class Config(Strict):
@@ -65,21 +65,19 @@ class Config(Strict):
         epochs: passes over the examples.
     """
 
-    k: int = 4
-    p: float = 0.8
+    k: int = Field(4, ge=0)  # 0: the oracle alone (or no document)
+    p: float = Field(0.8, ge=0, le=1)
     distractors: Literal["retrieved", "random"] = "retrieved"
     index: Literal["bm25", "dense", "hybrid"] = "bm25"
-    oracle_docs: int | None = 1
-    quote_sentences: int = 2
-    max_doc_tokens: int = 96
+    oracle_docs: int | None = Field(1, ge=1)
+    quote_sentences: int = Field(2, ge=1)
+    max_doc_tokens: int = Field(96, ge=0)
     target: Literal["extractive", "teacher"] = "extractive"
     teacher: TeacherConfig | None = None
-    epochs: float = 2
+    epochs: float = Field(2, gt=0)
 
     @model_validator(mode="after")
     def _check(self):
-        if not 0.0 <= self.p <= 1.0:
-            raise ValueError("p must be in [0, 1]")
         if self.target == "teacher" and self.teacher is None:
             raise ValueError("target: teacher needs a teacher: {model: ..., url: ...}")
         return self
@@ -157,16 +155,36 @@ def user_prompt(record: QARecord, documents: list[str]) -> str:
 
 
 def choose_distractors(record: QARecord, oracle: list[str], k: int, documents: list[str], rng: random.Random,
-                       index=None) -> list[str]:
-    """k distractors: the top retrieved documents for the question that are not oracle
-    documents (``index`` given), else k documents drawn at random from ``documents``."""
+                       index=None) -> tuple[list[str], int]:
+    """k distractors: the top retrieved documents for the question (``index`` given), else
+    documents drawn at random from ``documents``; never an oracle document, one of the
+    record's own snippets, or a document that contains the gold answer text as whole words (case-insensitive,
+    whitespace-normalised): a distractor must not answer the question.
+
+    Returns:
+        ``(distractors, replaced)``: up to k documents, and how many candidates were passed
+        over because they contain the gold answer.
+    """
     taken = {d.strip() for d in oracle} | {z.strip() for z in record.knowledge}
-    if index is not None:
-        hits = index.search(record.question, k + len(taken) + 5)
-        pool = [text for _, _, text in hits if text.strip() not in taken]
-    else:
-        pool = [d for d in rng.sample(documents, min(len(documents), k + len(taken) + 5)) if d.strip() not in taken]
-    return pool[:k]
+    answer = " ".join(record.answer.split())
+    has_answer = re.compile(rf"(?<!\w){re.escape(answer)}(?!\w)", re.IGNORECASE).search if answer else lambda _: None
+    distractors, replaced, want = [], 0, k + len(taken) + 5
+    while True:
+        if index is not None:
+            candidates = [text for _, _, text in index.search(record.question, min(want, len(documents)))]
+        else:
+            candidates = rng.sample(documents, min(len(documents), want))
+        distractors, replaced = [], 0
+        for text in candidates:
+            if text.strip() in taken:
+                continue
+            if has_answer(" ".join(text.split())):
+                replaced += 1
+                continue
+            distractors.append(text)
+        if len(distractors) >= k or want >= len(documents):
+            return distractors[:k], replaced
+        want *= 2
 
 
 def build_examples(records: list[QARecord], cfg: Config, documents: list[str], seed: int, index=None,
@@ -187,13 +205,14 @@ def build_examples(records: list[QARecord], cfg: Config, documents: list[str], s
     examples = []
     for i, record in enumerate(records):
         full = oracle_documents(record, cfg.oracle_docs)
-        distractors = choose_distractors(record, full, cfg.k, documents, rng, index)
+        distractors, replaced = choose_distractors(record, full, cfg.k, documents, rng, index)
         oracle = [truncate(d) for d in full]
         has_oracle = i in with_oracle and bool(oracle)
         docs = (oracle if has_oracle else []) + [truncate(d) for d in distractors]
         rng.shuffle(docs)
         examples.append({"id": record.id, "has_oracle": has_oracle, "documents": docs, "oracle": oracle,
-                         "target": extractive_target(record, oracle, cfg.quote_sentences), "builder": "extractive"})
+                         "target": extractive_target(record, oracle, cfg.quote_sentences), "builder": "extractive",
+                         "answer_distractors_replaced": replaced})
     return examples
 
 
@@ -223,12 +242,11 @@ def train(ctx) -> None:
     """Build the RAFT examples (saved as ``raft_examples.jsonl``), then SFT on them."""
     if ctx.run.state.get("iterations_done", 0) >= 1:
         return
-    from kembed.retrieval import build_index, domain_documents
     from kembed.runs import write_jsonl
 
     cfg: Config = ctx.method_config
-    documents = domain_documents(ctx.config.domain, ctx.config.data_dir)
-    index = build_index(ctx.config.domain, cfg.index, ctx.config.data_dir) if cfg.distractors == "retrieved" else None
+    documents = ctx.knowledge_documents()
+    index = ctx.knowledge_index(cfg.index) if cfg.distractors == "retrieved" else None
 
     examples = build_examples(ctx.records, cfg, documents, ctx.config.seed, index,
                               lambda doc: cut_sentences(ctx.tokenizer, doc, cfg.max_doc_tokens))
@@ -236,13 +254,17 @@ def train(ctx) -> None:
         apply_teacher(examples, ctx.records, make_teacher(cfg.teacher, ctx.placement))
     write_jsonl(ctx.run.path / "raft_examples.jsonl", examples)
     n_oracle = sum(e["has_oracle"] for e in examples)
+    replaced = sum(e["answer_distractors_replaced"] for e in examples)
     ctx.run.log("raft_examples", examples=len(examples), with_oracle=n_oracle, k=cfg.k, p=cfg.p,
+                answer_distractors_replaced=replaced,
                 distractors=cfg.distractors, builders=sorted({e["builder"] for e in examples}))
     ctx.console.print(f"RAFT: {len(examples)} examples, {n_oracle} with the oracle document, k = {cfg.k} "
-                      f"{cfg.distractors} distractors")
+                      f"{cfg.distractors} distractors ({replaced} candidates that contain the gold answer passed over)")
+    rows = [{"prompt": user_prompt(r, e["documents"]), "completion": e["target"]} for r, e in zip(ctx.records, examples)]
+    save_examples(ctx, "raft", rows)
     tokenized = []
-    for record, example in zip(ctx.records, examples):
-        ids, mask = chat_answer_ids(ctx.tokenizer, user_prompt(record, example["documents"]), example["target"])
+    for row in rows:
+        ids, mask = chat_answer_ids(ctx.tokenizer, row["prompt"], row["completion"])
         tokenized.append({"input_ids": ids, "loss_mask": mask})
     fit_lm(ctx, tokenized, cfg.epochs, "raft")
     ctx.finish_iteration(1)

@@ -29,7 +29,7 @@ from pydantic import Field, model_validator
 
 from kembed.config import Strict
 from kembed.errors import ConfigError
-from kembed.methods.common import chat_answer_ids, left_pad
+from kembed.methods.common import chat_answer_ids, left_pad, save_examples
 from kembed.records import QARecord
 from kembed.scoring import gather_logprobs
 
@@ -68,16 +68,16 @@ class Config(Strict):
         PureRejected, chosen_is_standard_answer) that the paper's Table 3 reports.
     """
 
-    chunks: int = 3
-    epochs: int = 2
-    passes: int = 1
-    gamma: float = 0.8
-    eps_chosen: float = -0.2
-    eps_rejected: float = -5.0
-    beta_D: float = 0.2
-    beta_A: float = 0.5
-    beta_D_same: float = 0.5
-    beta_A_same: float = 0.0
+    chunks: int = Field(3, ge=1)
+    epochs: int = Field(2, ge=1)
+    passes: int = Field(1, ge=1)
+    gamma: float = Field(0.8, ge=0)
+    eps_chosen: float = Field(-0.2, le=0)  # clips a mean log-prob (or beta times one): above 0 it never acts
+    eps_rejected: float = Field(-5.0, le=0)
+    beta_D: float = Field(0.2, ge=0)
+    beta_A: float = Field(0.5, ge=0)
+    beta_D_same: float = Field(0.5, ge=0)
+    beta_A_same: float = Field(0.0, ge=0)
     clip_order: Literal["before_beta", "after_beta"] = "before_beta"
     knowledge_logprob: Literal["concat", "per_snippet"] = "concat"
     answer_span: Literal["template", "answer"] = "template"
@@ -97,8 +97,6 @@ class Config(Strict):
     def _check(self):
         if sum([self.pure_chosen, self.pure_knowledge, self.pure_rejected]) > 1:
             raise ValueError("at most one of pure_chosen, pure_knowledge, pure_rejected")
-        if min(self.chunks, self.epochs, self.passes) < 1:
-            raise ValueError("chunks, epochs and passes must be at least 1")
         if not self.active_terms():
             raise ValueError("the ablation switches remove every loss term")
         return self
@@ -206,16 +204,25 @@ def knowledge_rows(tokenizer, snippets: tuple[str, ...], mode: str) -> list[list
     return wrapped if mode == "per_snippet" else [sum(wrapped, [])]
 
 
+def pair_text(record: QARecord, pair: dict, prompts) -> dict:
+    """The text one sampled pair trains on: the chosen answer after ``augmented_prompt`` (the
+    chat prompt with the knowledge snippets), the rejected answer after ``prompt`` (without
+    them), and the ``knowledge`` snippets."""
+    knowledge = list(pair["knowledge"])
+    return {"prompt": prompts.chat_prompt(record, None),
+            "augmented_prompt": prompts.chat_prompt(record, tuple(knowledge) or None),
+            "chosen": record.options[pair["chosen_index"]], "rejected": record.options[pair["rejected_index"]],
+            "knowledge": knowledge}
+
+
 def build_example(tokenizer, record: QARecord, pair: dict, prompts, cfg: Config) -> dict:
-    """Tokenize one sampled pair into the chosen, rejected and knowledge sequences."""
-    knowledge = tuple(pair["knowledge"])
-    chosen_ids, chosen_mask = chat_answer_ids(tokenizer, prompts.chat_prompt(record, knowledge or None),
-                                              record.options[pair["chosen_index"]], cfg.answer_span)
-    rejected_ids, rejected_mask = chat_answer_ids(tokenizer, prompts.chat_prompt(record, None),
-                                                  record.options[pair["rejected_index"]], cfg.answer_span)
+    """Tokenize one sampled pair (:func:`pair_text`) into the chosen, rejected and knowledge sequences."""
+    text = pair_text(record, pair, prompts)
+    chosen_ids, chosen_mask = chat_answer_ids(tokenizer, text["augmented_prompt"], text["chosen"], cfg.answer_span)
+    rejected_ids, rejected_mask = chat_answer_ids(tokenizer, text["prompt"], text["rejected"], cfg.answer_span)
     return {"chosen_ids": chosen_ids, "chosen_mask": chosen_mask,
             "rejected_ids": rejected_ids, "rejected_mask": rejected_mask,
-            "knowledge_rows": knowledge_rows(tokenizer, knowledge, cfg.knowledge_logprob),
+            "knowledge_rows": knowledge_rows(tokenizer, tuple(text["knowledge"]), cfg.knowledge_logprob),
             "beta_D": pair["beta_D"], "beta_A": pair["beta_A"]}
 
 
@@ -434,6 +441,7 @@ def train(ctx) -> None:
         ctx.console.print(f"[bold]{name}[/] sampled {len(pairs)} pairs: chosen correct {counts['chosen_correct']}, "
                           f"rejected correct {counts['rejected_correct']}, chosen wrong while rejected right "
                           f"{counts['chosen_failure']}, same answer {counts['same']}; training on {len(trained)}")
+        save_examples(ctx, name, [pair_text(by_id[p["id"]], p, ctx.config.prompts) for p in trained])
         examples = [build_example(ctx.tokenizer, by_id[p["id"]], p, ctx.config.prompts, cfg) for p in trained]
         ctx.fit(examples, collate, loss_fn, epochs=cfg.epochs, seed=ctx.config.seed + it, label=name)
         ctx.finish_iteration(it + 1)

@@ -4,8 +4,10 @@ answer tokens only (methods.md, "SFT"; the reference shows the question without 
 
 from __future__ import annotations
 
+from pydantic import Field
+
 from kembed.config import Strict
-from kembed.methods.common import chat_answer_ids, fit_lm
+from kembed.methods.common import chat_answer_ids, fit_lm, save_examples
 from kembed.records import QARecord
 
 NAME = "sft"
@@ -20,7 +22,7 @@ class Config(Strict):
         show_options: list the options in the prompt (the reference does not).
     """
 
-    epochs: float = 3
+    epochs: float = Field(3, gt=0)
     show_options: bool = False
 
 
@@ -40,6 +42,8 @@ def build_example(tokenizer, record: QARecord, prompts, cfg: Config) -> dict:
 
 def run_stage(ctx, cfg: Config, label: str) -> None:
     """Train SFT on ``ctx.records`` through the shared backend (used by ``cpt-sft`` too)."""
+    save_examples(ctx, label, [{"prompt": user_prompt(r, ctx.config.prompts, cfg.show_options), "completion": r.answer}
+                               for r in ctx.records])
     examples = [build_example(ctx.tokenizer, r, ctx.config.prompts, cfg) for r in ctx.records]
     fit_lm(ctx, examples, cfg.epochs, label)
 

@@ -43,9 +43,11 @@ from collections import Counter
 from pathlib import Path
 from typing import Literal
 
+from pydantic import Field
+
 from kembed.config import Strict
 from kembed.errors import DataError
-from kembed.methods.common import chat_answer_ids, fit_lm
+from kembed.methods.common import chat_answer_ids, fit_lm, save_examples
 from kembed.prompts import cut_tokens, documents_prompt
 from kembed.records import QARecord
 
@@ -77,18 +79,18 @@ class Config(Strict):
     """
 
     stage1_records: bool = True
-    stage1_max_examples: int | None = None
+    stage1_max_examples: int | None = Field(None, ge=1)
     stage1_files: list[str] = []
-    documents: int | None = 60
-    answers_per_document: int = 2
+    documents: int | None = Field(60, ge=1)
+    answers_per_document: int = Field(2, ge=1)
     question_types: list[Literal["short_answer", "multiple_choice", "claim_verification"]] = list(QUESTION_TYPES)
-    filter_top_k: int = 3
+    filter_top_k: int = Field(3, ge=1)
     index: Literal["bm25", "dense", "hybrid"] = "bm25"
-    max_doc_tokens: int = 160  # 0: no cut
-    min_kept_pairs: int = 50
-    max_new_tokens: int = 40
-    generation_batch_size: int = 8
-    epochs: float = 1
+    max_doc_tokens: int = Field(160, ge=0)  # 0: no cut
+    min_kept_pairs: int = Field(50, ge=0)
+    max_new_tokens: int = Field(40, ge=1)
+    generation_batch_size: int = Field(8, ge=1)
+    epochs: float = Field(1, gt=0)
 
 
 def extraction_prompt(document: str, n: int) -> str:
@@ -255,6 +257,7 @@ def stage1_data(records: list[QARecord], cfg: Config, seed: int, truncate=lambda
 
 
 def _finetune(ctx, rows: list[dict], label: str) -> None:
+    save_examples(ctx, label, [{"prompt": row["prompt"], "completion": row["target"]} for row in rows])
     examples = []
     for row in rows:
         ids, mask = chat_answer_ids(ctx.tokenizer, row["prompt"], row["target"])
@@ -267,7 +270,6 @@ def train(ctx) -> None:
     ``simrag_stage1.jsonl``, ``simrag_generated.jsonl`` and ``simrag_kept.jsonl``; counts,
     keep rates and a low-yield warning go to metrics.jsonl."""
     from kembed.generation import LocalGenerator
-    from kembed.retrieval import build_index, domain_documents
     from kembed.runs import write_jsonl
 
     cfg: Config = ctx.method_config
@@ -291,8 +293,8 @@ def train(ctx) -> None:
     if done >= 2:
         return
     rng = random.Random(ctx.config.seed)
-    documents = domain_documents(ctx.config.domain, ctx.config.data_dir)
-    index = build_index(ctx.config.domain, cfg.index, ctx.config.data_dir)
+    documents = ctx.knowledge_documents()
+    index = ctx.knowledge_index(cfg.index)
     chosen = list(range(len(documents)))
     if cfg.documents is not None and cfg.documents < len(documents):
         chosen = sorted(rng.sample(chosen, cfg.documents))

@@ -1,0 +1,116 @@
+"""The comparison protocol: same knowledge for every method (no test snippet leaks in under
+``knowledge: records``), taught / untaught splits, results over training seeds."""
+
+import json
+import os
+import random
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+from kembed.bench import ModelEntry, collect, method_ranking, seed_summary
+from kembed.data import TAUGHT, UNTAUGHT, answer_knowledge, knowledge_coverage, load_records, training_sample
+from kembed.train import TrainContext
+
+REAL_DATA = Path(os.environ.get("KEMBED_DATA_DIR") or Path(__file__).resolve().parents[2] / "shared/datasets/rlag")
+
+
+def _norm(text):
+    return " ".join(text.split())
+
+
+class _Log:
+    def __init__(self):
+        self.events = []
+
+    def log(self, event, **fields):
+        self.events.append((event, fields))
+
+
+def context(records, knowledge="records", domain="current-events", data_dir=None):
+    """Just enough of a TrainContext for its knowledge readers."""
+    ctx = SimpleNamespace(config=SimpleNamespace(knowledge=knowledge, domain=domain, data_dir=data_dir),
+                          records=records, run=_Log(), _knowledge_logged=-1)
+    ctx.knowledge_documents = lambda: TrainContext.knowledge_documents(ctx)
+    ctx.knowledge_index = lambda kind: TrainContext.knowledge_index(ctx, kind)
+    return ctx
+
+
+@pytest.mark.skipif(not (REAL_DATA / "CurrentEvents").is_dir(), reason="RLAG data not found")
+def test_records_knowledge_never_shows_a_test_snippet_outside_the_training_records(tmp_path, monkeypatch):
+    from kembed.methods import raft
+
+    monkeypatch.setenv("KEMBED_CACHE_DIR", str(tmp_path / "cache"))  # the BM25 index of the documents
+    sample = training_sample(load_records("current-events", "train", REAL_DATA), limit=120, validation=100, seed=42)
+    trained = {_norm(z) for r in sample.train for z in r.knowledge}
+    test_only = {_norm(z) for r in load_records("current-events", "test", REAL_DATA) for z in r.knowledge} - trained
+    assert len(test_only) > 100  # the check has something to find
+    ctx = context(sample.train, data_dir=str(REAL_DATA))
+    documents = ctx.knowledge_documents()  # CPT's corpus, RAFT's pool, SimRAG's Stage-II documents
+    assert ctx.run.events[0][0] == "knowledge" and ctx.run.events[0][1]["documents"] == len(documents)
+
+    def leaks(text):  # a test-only snippet as the document, or inside it (passages, not titles like "FDP")
+        text = _norm(text)
+        return [z for z in test_only if z == text or (len(z) >= 40 and z in text)]
+
+    assert not any(leaks(d) for d in documents)
+    cfg = raft.Config(k=4, p=0.8, distractors="retrieved", index="bm25")
+    examples = raft.build_examples(sample.train, cfg, documents, 42, ctx.knowledge_index("bm25"))
+    assert not any(leaks(d) for e in examples for d in e["documents"])
+    assert sum(e["answer_distractors_replaced"] for e in examples) > 0  # there were answer-bearing candidates
+    # the knowledge base, as the papers read it, does hold test snippets: the setting is what keeps them out
+    ctx = context(sample.train, knowledge="knowledge-base", data_dir=str(REAL_DATA))
+    assert any(leaks(d) for d in ctx.knowledge_documents())
+
+
+@pytest.mark.skipif(not (REAL_DATA / "CurrentEvents").is_dir(), reason="RLAG data not found")
+def test_taught_classes_count_what_data_coverage_counts():
+    sample = training_sample(load_records("current-events", "train", REAL_DATA), limit=120, validation=100, seed=42)
+    test = load_records("current-events", "test", REAL_DATA)
+    classes = answer_knowledge(sample.train, test)
+    coverage = knowledge_coverage(sample.train, test)
+    assert sum(k == TAUGHT for k in classes.values()) == coverage["answer_covered"] > 0
+    assert sum(k != "no-answer-snippet" for k in classes.values()) == coverage["answer_in_snippets"]
+    assert sum(k == UNTAUGHT for k in classes.values()) > 0
+
+
+def write_eval(folder, correct, classes=None):
+    folder.mkdir(parents=True)
+    rows = []
+    for i, ok in enumerate(correct):
+        row = {"id": f"q{i}", "correct": {"token_mean": ok}}
+        if classes:
+            row["knowledge"] = classes[i]
+        rows.append(row)
+    (folder / "samples.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (folder / "results.json").write_text(json.dumps(
+        {"n": len(rows), "accuracy": {"token_mean": sum(correct) / len(correct)}, "ci95": {"token_mean": [0, 1]},
+         "mode": "closed-book", "format": "raw", "domain": "d", "split": "test"}))
+    return folder
+
+
+def test_seed_summary_and_taught_split_over_fake_evaluations(tmp_path):
+    rng = random.Random(0)
+    n = 60
+    classes = [TAUGHT if i < 30 else UNTAUGHT for i in range(n)]
+    base = [i % 5 == 0 for i in range(n)]  # 20% everywhere
+    models = [ModelEntry("d", "base", None, None, "m", None, {"closed-book-raw": write_eval(tmp_path / "base", base)})]
+    for seed in (1, 2, 3):  # a method that learns the taught questions, not the others
+        correct = [(i < 30 and rng.random() < 0.8) or (i >= 30 and base[i]) for i in range(n)]
+        models.append(ModelEntry("d", f"rlag (seed {seed})", "rlag", seed, "m", None,
+                                 {"closed-book-raw": write_eval(tmp_path / f"rlag-{seed}", correct, classes)}))
+    models.append(ModelEntry("d", "sft", "sft", 1, "m", None,
+                             {"closed-book-raw": write_eval(tmp_path / "sft", base, classes)}))
+    rows = collect(models)
+    base_row = rows[0]["evals"]["closed-book-raw"]
+    assert base_row["by_knowledge"][TAUGHT]["n"] == 30  # the base model is split by the runs' classes
+    summary = {e["method"]: e for e in seed_summary(rows, ["closed-book-raw"])}
+    rlag = summary["rlag"]
+    assert rlag["seeds"] == 3 and rlag["sd"] > 0 and rlag["ci95"][0] > 0
+    assert rlag["taught"]["n"] == 30 and rlag["taught"]["ci95"][0] > 0.2
+    assert rlag["untaught"]["diff"] == 0 and rlag["untaught"]["ci95"] == [0.0, 0.0]
+    assert summary["sft"]["diff"] == 0
+    ranking = method_ranking(rows, "closed-book-raw")
+    assert ranking == [{"domain": "d", "a": "rlag", "b": "sft", "diff": pytest.approx(rlag["diff"]),
+                        "ci95": ranking[0]["ci95"], "decided": True}]
