@@ -425,6 +425,23 @@ def data_import(name: str = typer.Argument(..., help="Name of the new domain: lo
                       f"{CONTEXT_INDEX} documents of the corpus ({result.retrieved_empty} matched none)")
 
 
+@data_app.command("export")
+@handle_errors
+def data_export(run: Path = typer.Argument(..., help="A `kembed train` run directory."),
+                fmt: str = typer.Option("trl", "--format",
+                                        help="trl: TRL's conversational prompt-completion and preference formats, "
+                                             "and its language-modeling format for CPT."),
+                output: Optional[Path] = typer.Option(None, "--output", help="Folder to write (default: RUN/export-FORMAT).")):
+    """Write the examples a run trained on as datasets other tools train from: one JSONL file per
+    training stage, loadable with datasets.load_dataset("json", data_files=...)."""
+    from kembed.export import export_run
+
+    for f in export_run(run, fmt, output):
+        left_out = f" ({f.skipped} pairs whose chosen and rejected answers agree left out)" if f.skipped else ""
+        written = f"{f.path}: {f.rows} {f.kind} examples" if f.path else f"{f.source.name}: nothing to export"
+        console.print(written + left_out, highlight=False)
+
+
 @index_app.command("build")
 @handle_errors
 def index_build(domain: str = typer.Option(..., help="Domain whose knowledge documents to index."),

@@ -200,6 +200,29 @@ def test_bench_checks_every_recipe_before_running(data_dir, tmp_path):
         load_suite("no-such-suite")
 
 
+SUITE_ERRORS = [  # (id, suite fields, text of the one-line error)
+    ("unknown-domain", {"domains": ["current-events", "nowhere"]}, "unknown domain 'nowhere'"),
+    ("unknown-method", {"methods": ["sft", "nope"]}, "unknown method 'nope'"),
+    ("missing-recipe", {"recipes": {"sft": "no-such-recipe"}}, "recipe not found"),
+    ("bad-override-value", {"overrides": {"all": ["train.batch_size=0"]}}, "train.batch_size: Input should be"),
+    ("override-sets-domain", {"overrides": {"sft": ["domain=legal"]}}, "the sft overrides set domain=legal"),
+    ("missing-split", {"split": "dev", "domains": ["medical"]}, "domain 'medical' has no split 'dev'"),
+    ("bad-seed", {"seeds": [1, -1]}, "seed: Input should be greater than or equal to 0"),
+]
+
+
+@pytest.mark.parametrize("case, fields, expected", SUITE_ERRORS, ids=[c[0] for c in SUITE_ERRORS])
+def test_a_bad_suite_stops_before_any_step(data_dir, tmp_path, case, fields, expected):
+    suite = tmp_path / "bad.yaml"
+    suite.write_text(json.dumps({"name": "bad", "domains": ["current-events"], "methods": ["sft"], **fields}))
+    runs, results = tmp_path / "runs", tmp_path / "results"
+    result = invoke("bench", suite, "--out", runs, "--results", results)
+    assert result.exit_code == 2, result.output
+    assert result.output.strip().startswith("error: suite bad: ") and expected in result.output, result.output
+    assert len(result.output.strip().splitlines()) == 1 and "bench 1/" not in result.output
+    assert not runs.exists() and not results.exists()  # no step ran, no results folder was written
+
+
 def test_seeds_train_one_run_each_and_report_the_spread(data_dir, tiny_model_dir, tmp_path):
     steps, models = plan(load_suite(str(mini_suite(tmp_path, tiny_model_dir))), tmp_path / "runs", seeds=2)
     trains = [s.argv() for s in steps if s.label.endswith(": train")]

@@ -426,6 +426,21 @@ def test_training_sample_is_seeded_nested_and_holds_validation_out():
         training_sample(records, limit=None, validation=30, seed=1)
 
 
+def test_validation_unset_is_sized_to_the_domain():
+    from conftest import make_records
+
+    from kembed.data import auto_validation, training_sample
+
+    # 20% of the train split, at most 100: the RLAG train splits (954-2088 records) keep 100
+    assert [auto_validation(n) for n in (0, 4, 5, 20, 499, 500, 954, 1469, 2088)] == [0, 0, 1, 4, 99, 100, 100, 100, 100]
+    small = training_sample(make_records(20), limit=None, validation=None, seed=1)
+    assert (len(small.validation), len(small.train)) == (4, 16)
+    # an explicit value wins, and unset draws the same records as that number given explicitly
+    assert len(training_sample(make_records(20), limit=None, validation=2, seed=1).validation) == 2
+    same = training_sample(make_records(20), limit=None, validation=4, seed=1)
+    assert [r.id for r in same.validation] == [r.id for r in small.validation]
+
+
 def test_knowledge_coverage_counts_on_made_up_records():
     from kembed.data import knowledge_coverage
     from kembed.records import QARecord

@@ -10,7 +10,8 @@ from typer.testing import CliRunner
 
 from kembed import userdomains
 from kembed.cli import app
-from kembed.data import DOMAINS, fetch_data, get_domain, list_domains, load_knowledge_base, load_records, load_split
+from kembed.data import (DOMAINS, fetch_data, get_domain, list_domains, load_knowledge_base, load_records, load_split,
+                         user_domains_dir)
 from kembed.errors import DataError
 from kembed.retrieval import domain_documents
 
@@ -82,10 +83,12 @@ def write_corpus(root: Path, form: str) -> Path:
 @pytest.fixture(autouse=True)
 def cache(tmp_path, monkeypatch):
     monkeypatch.setenv("KEMBED_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setenv("KEMBED_DOMAINS_DIR", str(tmp_path / "domains"))  # never the user's own folder
 
 
-def user_dir(data_dir: Path) -> Path:
-    return data_dir / "user"
+def user_dir() -> Path:
+    """Where the imports of a test go."""
+    return user_domains_dir()
 
 
 def test_import_jsonl_with_ctx_holds_out_a_test_split(data_dir, tmp_path):
@@ -93,7 +96,7 @@ def test_import_jsonl_with_ctx_holds_out_a_test_split(data_dir, tmp_path):
     result = invoke("data", "import", "mydomain", "--qa", qa)
     assert result.exit_code == 0, result.output
     assert "records read" in result.output and "imported user domain 'mydomain'" in result.output
-    folder = user_dir(data_dir) / "mydomain"
+    folder = user_dir() / "mydomain"
     assert sorted(p.name for p in folder.iterdir()) == ["domain.json", "test.jsonl", "train.jsonl"]
     train, test = load_records("mydomain", "train"), load_records("mydomain", "test")
     assert (len(train), len(test)) == (8, 2)
@@ -131,7 +134,7 @@ def test_import_without_ctx_retrieves_knowledge_from_the_corpus(data_dir, tmp_pa
         assert any(fact[3] in snippet for snippet in record.knowledge), (record.question, record.knowledge)
         assert 1 <= len(record.knowledge) <= userdomains.CONTEXT_TOP_K
     assert test_records[-1].knowledge[0] == FACTS[2][3]  # a record with ctx keeps it
-    meta = json.loads((user_dir(data_dir) / f"kb-{form}" / "domain.json").read_text())
+    meta = json.loads((user_dir() / f"kb-{form}" / "domain.json").read_text())
     assert meta["knowledge_base"] == "corpus.jsonl" and meta["context"]["retrieved"] == 7
     if form == "txt":  # one duplicate line, blank lines skipped
         assert meta["corpus"]["dropped"] == {"duplicate": 1}
@@ -154,26 +157,59 @@ def test_eval_and_validate_on_an_imported_domain(data_dir, tiny_model_dir, tmp_p
         assert summary["domain"] == "mine" and summary["n"] == 2 and summary["split"] == "test"
 
 
-def test_data_dir_option_and_policy_counts(tmp_path, monkeypatch):
-    monkeypatch.delenv("KEMBED_DATA_DIR", raising=False)
-    root = tmp_path / "fresh-data"  # created by the import
+def test_a_user_domain_needs_no_data_directory_and_counts_the_policy(tmp_path, monkeypatch):
+    monkeypatch.setenv("KEMBED_DATA_DIR", str(tmp_path / "no-data"))  # the built-in data was never fetched
     records = qa_records(6)
     records[1]["answer"], records[1]["answer_idx"] = "London", ""  # answer_not_in_options: dropped
     records[2]["question"] = "   "  # empty_question: dropped
     records[3]["answer"] = "Venus, the second planet"  # the label is used: reconciled
     qa = write_qa(tmp_path / "qa.json", records)
     test = write_qa(tmp_path / "test.json", qa_records(2, start=6))
-    result = invoke("data", "import", "counted", "--qa", qa, "--test", test, "--data-dir", root)
+    result = invoke("data", "import", "counted", "--qa", qa, "--test", test)
     assert result.exit_code == 0, result.output
     for text in ("answer_not_in_options", "empty_question", "text_not_in_options_letter_used"):
         assert text in result.output
-    records_, report = load_split("counted", "train", root)
+    assert not (tmp_path / "no-data").exists()
+    records_, report = load_split("counted", "train")
     assert (report.read, report.kept) == (6, 4)
     assert report.dropped == {"answer_not_in_options": 1, "empty_question": 1}
     assert report.reconciled == {"text_not_in_options_letter_used": 1}
-    validate = invoke("data", "validate", "--domain", "counted", "--data-dir", root)
+    validate = invoke("data", "validate", "--domain", "counted")
     assert validate.exit_code == 0 and "answer_not_in_options" in validate.output
-    assert "counted" in invoke("ls", "--data-dir", root).output
+    assert "counted" in invoke("ls").output
+
+
+def _tree(root: Path) -> dict:
+    return {str(p.relative_to(root)): (p.stat().st_mode, p.stat().st_size, p.stat().st_mtime_ns)
+            for p in sorted(root.rglob("*"))}
+
+
+def test_import_leaves_a_read_only_data_directory_untouched(data_dir, tiny_model_dir, tmp_path):
+    for path in [data_dir, *data_dir.rglob("*")]:  # read-only; root may write anyway, so compare the tree too
+        path.chmod(0o555 if path.is_dir() else 0o444)
+    before = _tree(data_dir)
+    qa = write_qa(tmp_path / "qa.jsonl", qa_records(10, ctx=False))
+    result = invoke("data", "import", "mine", "--qa", qa, "--corpus", write_corpus(tmp_path, "jsonl"))
+    assert result.exit_code == 0, result.output
+    assert (user_dir() / "mine" / "domain.json").is_file() and user_dir() != data_dir
+    for args in (("data", "validate", "--domain", "mine"), ("index", "build", "--domain", "mine"),
+                 ("eval", "--domain", "mine", "--model", tiny_model_dir, "--output", tmp_path / "ev",
+                  "--precision", "fp32", "--limit", "1", "--mode", "retrieved-context")):
+        assert invoke(*args).exit_code == 0
+    assert _tree(data_dir) == before  # nothing created, changed or removed in the built-in data
+    assert "mine" in list_domains() and get_domain("mine").folder == str(user_dir() / "mine")
+
+
+def test_a_domain_imported_into_the_data_directory_is_still_read(data_dir, tmp_path):
+    qa = write_qa(tmp_path / "qa.jsonl", qa_records(5))
+    assert invoke("data", "import", "kept", "--qa", qa).exit_code == 0
+    (data_dir / "user").mkdir()
+    (user_dir() / "kept").rename(data_dir / "user" / "kept")  # where earlier versions imported it
+    assert len(load_records("kept", "train")) == 4 and "kept" in list_domains()
+    assert get_domain("kept").folder == str(data_dir / "user" / "kept")
+    # a domain in the user's folder comes first
+    assert invoke("data", "import", "kept", "--qa", write_qa(tmp_path / "more.jsonl", qa_records(10))).exit_code == 0
+    assert len(load_records("kept", "train")) == 8
 
 
 def test_existing_domain_needs_replace_and_a_failed_replace_keeps_it(data_dir, tmp_path):
@@ -187,16 +223,19 @@ def test_existing_domain_needs_replace_and_a_failed_replace_keeps_it(data_dir, t
     bigger = write_qa(tmp_path / "more.jsonl", qa_records(10))
     assert invoke("data", "import", "dup", "--qa", bigger, "--replace").exit_code == 0
     assert len(load_records("dup", "train")) == 8
-    assert sorted(p.name for p in user_dir(data_dir).iterdir()) == ["dup"]
+    assert sorted(p.name for p in user_dir().iterdir()) == ["dup"]
 
 
 def test_fetch_keeps_user_domains(data_dir, tmp_path):
     qa = write_qa(tmp_path / "qa.jsonl", qa_records(5))
     assert invoke("data", "import", "kept", "--qa", qa).exit_code == 0
+    (data_dir / "user").mkdir()
+    assert invoke("data", "import", "old", "--qa", qa).exit_code == 0
+    (user_dir() / "old").rename(data_dir / "user" / "old")  # imported into the data directory by an earlier version
     source = tmp_path / "upstream"
     write_qa(source / "CurrentEvents" / "CurrentEvents_train.json", qa_records(2))
     fetch_data(data_dir, source_dir=source)
-    assert len(load_records("kept", "train")) == 4
+    assert len(load_records("kept", "train")) == 4 and len(load_records("old", "train")) == 4
 
 
 # --- bad input ------------------------------------------------------------------------------
@@ -265,8 +304,8 @@ def test_bad_input_is_one_line_and_leaves_nothing(data_dir, tmp_path, case, buil
     assert len(lines) == 1 and lines[0].startswith("error: "), result.output
     assert filename in lines[0] and expected in lines[0], lines[0]
     assert "Traceback" not in result.output
-    assert not (user_dir(data_dir) / "bad").exists()
-    assert not user_dir(data_dir).exists() or not any(user_dir(data_dir).iterdir())  # no partial folder either
+    assert not (user_dir() / "bad").exists()
+    assert not user_dir().exists() or not any(user_dir().iterdir())  # no partial folder either
 
 
 def test_enormous_file_is_refused(data_dir, tmp_path, monkeypatch):
@@ -274,14 +313,14 @@ def test_enormous_file_is_refused(data_dir, tmp_path, monkeypatch):
     qa = write_qa(tmp_path / "qa.json", OK)
     result = invoke("data", "import", "big", "--qa", qa)
     assert result.exit_code == 2 and "qa.json: too large" in result.output and "limit is 100 bytes" in result.output
-    assert not (user_dir(data_dir) / "big").exists()
+    assert not (user_dir() / "big").exists()
     # a corpus folder counts its files together
     monkeypatch.setattr(userdomains, "MAX_FILE_BYTES", 150)
     small = write_qa(tmp_path / "small.json", [{"question": "q", "options": {"A": "a", "B": "b"}, "answer": "a"}])
     assert small.stat().st_size < 150
     result = invoke("data", "import", "big", "--qa", small, "--corpus", write_corpus(tmp_path, "folder"))
     assert result.exit_code == 2 and "notes: too large" in result.output, result.output
-    assert not (user_dir(data_dir) / "big").exists()
+    assert not (user_dir() / "big").exists()
 
 
 @pytest.mark.parametrize("name, expected", [("medical", "is a built-in domain"), ("Bad Name", "invalid domain name"),
@@ -291,13 +330,35 @@ def test_bad_names(data_dir, tmp_path, name, expected):
     qa = write_qa(tmp_path / "qa.json", OK)
     result = invoke("data", "import", "--qa", qa, "--", name)  # "--": a name such as "-x" is not an option
     assert result.exit_code == 2 and expected in result.output and len(result.output.strip().splitlines()) == 1
-    assert not user_dir(data_dir).exists()
+    assert not user_dir().exists()
 
 
 def test_broken_domain_file_is_a_data_error(data_dir, tmp_path):
     assert invoke("data", "import", "fine", "--qa", write_qa(tmp_path / "qa.jsonl", OK)).exit_code == 0
-    (user_dir(data_dir) / "fine" / "domain.json").write_text("{}")
+    (user_dir() / "fine" / "domain.json").write_text("{}")
     with pytest.raises(DataError, match=r"domain\.json: not a kembed user-domain file"):
         get_domain("fine")
     unknown = invoke("eval", "--domain", "nosuch")
     assert unknown.exit_code == 2 and "unknown domain 'nosuch'" in unknown.output
+
+
+def test_the_default_recipe_trains_on_a_20_record_domain(data_dir, tiny_model_dir, tmp_path):
+    qa = write_qa(tmp_path / "qa.jsonl", qa_records(20))
+    test = write_qa(tmp_path / "test.jsonl", qa_records(5, start=20))
+    assert invoke("data", "import", "small", "--qa", qa, "--test", test).exit_code == 0
+    out = tmp_path / "run"
+    result = invoke("train", "sft", "--domain", "small", "--output", out, f"model={tiny_model_dir}", "precision=fp32",
+                    "sft.epochs=1")
+    assert result.exit_code == 0, result.output
+    # 20% of the 20 train records are held out (the RLAG domains' 1000+ records keep 100), and it is said
+    assert "16 training records, 4 held out for validation (20% of the train split, at most 100)" in \
+        " ".join(result.output.split())
+    sample = json.loads((out / "data_sample.json").read_text())
+    assert (len(sample["train_ids"]), len(sample["validation_ids"])) == (16, 4)
+    assert "validation: 4" in (out / "config.yaml").read_text()  # the run records the number chosen
+    # an explicit value wins; one that holds out everything is still a one-line error
+    assert invoke("train", "sft", "--domain", "small", "--output", tmp_path / "two", f"model={tiny_model_dir}",
+                  "precision=fp32", "sft.epochs=1", "validation=2").exit_code == 0
+    assert len(json.loads((tmp_path / "two" / "data_sample.json").read_text())["validation_ids"]) == 2
+    result = invoke("train", "sft", "--domain", "small", "--output", tmp_path / "all", "validation=100")
+    assert result.exit_code == 2 and "validation = 100 holds out all 20 train records" in result.output

@@ -244,6 +244,8 @@ def test_split_chunks_is_seeded_and_complete():
     assert [len(c) for c in rlag.split_chunks(make_records(4), 3, seed=0)] == [1, 1, 2]
     assert sorted(r.id for c in chunks for r in c) == sorted(r.id for r in records)
     assert chunks == rlag.split_chunks(records, 3, seed=1) != rlag.split_chunks(records, 3, seed=2)
+    in_file_order = rlag.split_chunks(records, 3, seed=1, shuffle=False)  # rlag.chunk_order: file
+    assert [r.id for c in in_file_order for r in c] == [r.id for r in records]
 
 
 def test_a_training_step_moves_the_weights(tiny_model, tiny_tokenizer):
@@ -273,6 +275,8 @@ def test_chunk_fraction_trains_a_seeded_subset():
     assert a != trained_subset(pairs, 0.8, seed=4)
     assert trained_subset(pairs, 1.0, seed=3) == pairs
     assert len(trained_subset(pairs[:1], 0.5, seed=0)) == 1
+    # the same records whatever order the pairs of a later pass come in (rlag.fixed_subset)
+    assert {p["id"] for p in trained_subset(pairs[::-1], 0.8, seed=3)} == {p["id"] for p in a}
 
 
 def test_reference_prompt_preset_has_instruction_options_and_knowledge():

@@ -59,6 +59,10 @@ class Config(Strict):
             header and end-of-turn tokens (code); ``answer`` = answer tokens only (figure).
         chunk_fraction: the seeded random fraction of each chunk's sampled pairs that is
             trained on (the authors' code trains a random 80%: ``int(0.8 * n)`` pairs).
+        chunk_order: ``shuffled`` (a seeded shuffle of the training records, cut into N
+            chunks) or ``file`` (contiguous chunks in file order, as the authors' code cuts them).
+        fixed_subset: the ``chunk_fraction`` of a chunk is the same records in every pass T
+            (seeded by the chunk; the authors' setting) instead of a new draw per iteration.
         grad_norm_every: every this many micro-batches, log the gradient norm that each active
             loss term contributes (``grad_norm_<term>``; 0, the default: never); costs one
             extra backward pass per active term each time (``make perf`` measures it).
@@ -82,6 +86,8 @@ class Config(Strict):
     knowledge_logprob: Literal["concat", "per_snippet"] = "concat"
     answer_span: Literal["template", "answer"] = "template"
     chunk_fraction: float = Field(1.0, gt=0, le=1)
+    chunk_order: Literal["shuffled", "file"] = "shuffled"
+    fixed_subset: bool = False
     grad_norm_every: int = Field(0, ge=0)
     no_rejected: bool = False
     no_knowledge: bool = False
@@ -371,21 +377,26 @@ def sample_pairs(scorer, records: list[QARecord], cfg: Config, progress=None) ->
     return pairs, counts
 
 
-def split_chunks(records: list[QARecord], n: int, seed: int) -> list[list[QARecord]]:
-    """Shuffle (seeded) and cut into ``n`` contiguous chunks whose sizes differ by at most one
-    (the reference's ceil-sized chunks can leave the last one empty)."""
+def split_chunks(records: list[QARecord], n: int, seed: int, shuffle: bool = True) -> list[list[QARecord]]:
+    """Shuffle (seeded; kept in the given order when ``shuffle`` is off) and cut into ``n``
+    contiguous chunks whose sizes differ by at most one (the reference's ceil-sized chunks can
+    leave the last one empty)."""
     order = list(records)
-    random.Random(seed).shuffle(order)
+    if shuffle:
+        random.Random(seed).shuffle(order)
     return [order[i * len(order) // n:(i + 1) * len(order) // n] for i in range(n)]
 
 
 def trained_subset(pairs: list[dict], fraction: float, seed: int) -> list[dict]:
     """The seeded random ``int(fraction * n)`` pairs (at least one) that a chunk trains on (the
-    authors train a random 80% of each chunk's pairs); all of them when ``fraction`` is 1."""
+    authors train a random 80% of each chunk's pairs); all of them when ``fraction`` is 1.
+    The draw is over the pairs' record ids in sorted order, so the same seed picks the same
+    records in every pass over a chunk."""
     if fraction >= 1 or not pairs:
         return list(pairs)
-    keep = set(random.Random(seed).sample(range(len(pairs)), max(1, int(fraction * len(pairs)))))
-    return [p for i, p in enumerate(pairs) if i in keep]
+    ids = sorted(p["id"] for p in pairs)
+    keep = set(random.Random(seed).sample(ids, max(1, int(fraction * len(ids)))))
+    return [p for p in pairs if p["id"] in keep]
 
 
 # ----------------------------------------------------------------------------- training
@@ -422,7 +433,7 @@ def train(ctx) -> None:
     cfg: Config = ctx.method_config
     if len(ctx.records) < cfg.chunks:
         raise ConfigError(f"rlag.chunks = {cfg.chunks} is more than the {len(ctx.records)} training records")
-    chunks = split_chunks(ctx.records, cfg.chunks, ctx.config.seed)
+    chunks = split_chunks(ctx.records, cfg.chunks, ctx.config.seed, shuffle=cfg.chunk_order == "shuffled")
     total = cfg.chunks * cfg.passes
     collate = make_collate(ctx.tokenizer.pad_token_id)
     loss_fn = make_loss_fn(cfg)
@@ -432,7 +443,8 @@ def train(ctx) -> None:
         chunk = chunks[it % cfg.chunks]
         name = f"iteration {it + 1}/{total}"
         pairs, counts = sample_chunk(ctx, scorer, chunk, cfg, f"{name}: sampling")
-        trained = trained_subset(pairs, cfg.chunk_fraction, ctx.config.seed + it)
+        trained = trained_subset(pairs, cfg.chunk_fraction,
+                                 ctx.config.seed + (it % cfg.chunks if cfg.fixed_subset else it))
         trained_ids = {p["id"] for p in trained}
         if distributed.is_main():
             write_jsonl(ctx.run.path / "pairs" / f"iter-{it + 1:03d}.jsonl",

@@ -76,6 +76,8 @@ class Config(Strict):
         min_kept_pairs: fewer kept Stage-II pairs than this is reported as a warning.
         max_new_tokens, generation_batch_size: generation settings.
         epochs: passes over the fine-tuning data per stage (paper: 1).
+        stage2_learning_rate: Stage II's learning rate (null: ``train.learning_rate``, as
+            Stage I); the paper trains Stage I at 5e-7 and Stage II at 2e-7 (8B models).
     """
 
     stage1_records: bool = True
@@ -91,6 +93,7 @@ class Config(Strict):
     max_new_tokens: int = Field(40, ge=1)
     generation_batch_size: int = Field(8, ge=1)
     epochs: float = Field(1, gt=0)
+    stage2_learning_rate: float | None = Field(None, gt=0)
 
 
 def extraction_prompt(document: str, n: int) -> str:
@@ -327,6 +330,8 @@ def train(ctx) -> None:
         ctx.run.log("warning", message=message, kept=len(kept), min_kept_pairs=cfg.min_kept_pairs)
         ctx.console.print(f"[bold red]WARNING: {message}[/]")
     rows = [{"prompt": p["training_prompt"], "target": p["target"]} for p in kept] + stage1
+    if cfg.stage2_learning_rate is not None:
+        ctx.config.train.learning_rate = cfg.stage2_learning_rate
     if rows:
         _finetune(ctx, rows, "stage II")
     else:
