@@ -32,6 +32,7 @@ from pydantic import Field, ValidationError
 
 from kembed.config import Strict
 from kembed.errors import ConfigError, KembedError
+from kembed.tune import TuneSpec
 from kembed.tables import ConsoleTables, markdown_table
 
 BENCH_DIR = Path(__file__).resolve().parent.parent / "benchmarks"
@@ -91,6 +92,7 @@ class Suite(Strict):
     judge_url: str | None = None
     judge_name: str | None = None
     judge_key_env: str | None = None
+    tune: TuneSpec | None = None
 
 
 def load_suite(name: str) -> Suite:
@@ -156,6 +158,7 @@ class ModelEntry:
     model: str
     run: Path | None
     evals: dict[str, Path]
+    tuning: Callable[[], dict] | None = None  # the tune selection its training used (kembed.tune.select)
 
 
 def plan(suite: Suite, out: Path, seeds: int | None = None, data_dir: str | None = None) -> tuple[list[Step], list[ModelEntry]]:
@@ -213,6 +216,19 @@ def plan(suite: Suite, out: Path, seeds: int | None = None, data_dir: str | None
         if suite.split not in split:
             raise ConfigError(f"domain '{name}' has no split '{suite.split}' (it has {', '.join(split)})")
 
+    tunings: dict = {}
+
+    def add_tune_steps(method: str, overrides: list[str]):
+        """The grid's training steps of ``method``; returns its selection (None without a
+        ``tune:`` block)."""
+        if suite.tune is None:
+            return None
+        check_domain(suite.tune.domain or suite.domains[0])
+        tune, selection = tune_steps(method, suite.recipes.get(method), overrides, suite.tune,
+                                     suite.tune.domain or suite.domains[0], out / "tune", data_dir)
+        steps.extend(tune)
+        return selection
+
     try:  # every domain, method, recipe and override is checked here, before any step runs
         for domain in suite.domains:
             check_domain(domain)
@@ -230,25 +246,63 @@ def plan(suite: Suite, out: Path, seeds: int | None = None, data_dir: str | None
                     raise ConfigError(f"the {method} overrides set domain={run_cfg.domain}; list domains under 'domains'")
                 method_seeds = (list(range(run_cfg.seed, run_cfg.seed + seeds)) if seeds
                                 else suite.seeds or [run_cfg.seed])
+                selection = tunings[method] = tunings.get(method) or add_tune_steps(method, overrides)
                 for seed in method_seeds:
                     seeded = [*overrides, f"seed={seed}"]
                     _, _, resolved = prepare_config(method, suite.recipes.get(method), seeded, domain=domain,
                                                     data_dir=data_dir)
-                    run = out / domain / f"{method}-s{seed}-{config_hash(resolved)}"
+                    tuned = f"-tuned{config_hash(suite.tune.model_dump())}" if selection else ""
+                    run = out / domain / f"{method}-s{seed}-{config_hash(resolved)}{tuned}"
                     name = method if len(method_seeds) == 1 else f"{method} (seed {seed})"
-                    argv = [*kembed, "train", method, "--domain", domain, "--output", str(run), *data, *seeded]
+                    argv = [*kembed, "train", method, "--domain", domain, "--output", str(run), *data]
                     if method in suite.recipes:
                         argv += ["--recipe", suite.recipes[method]]
                     label = f"{domain} {name}: train"
-                    steps.append(Step(label, lambda a=argv, r=run: [*a, "--resume"] if (r / "kembed-run.json").is_file() else a,
-                                      lambda r=run: _finished(r)))
+                    steps.append(Step(label, lambda a=argv, r=run, o=seeded, t=selection: (
+                        [*a, "--resume"] if (r / "kembed-run.json").is_file()
+                        else [*a, *o[:-1], *(t()["overrides"] if t else []), o[-1]]),
+                        lambda r=run: _finished(r), needs=selection.needs if selection else []))
                     entry = ModelEntry(domain, name, method, seed, str(run), run,
-                                       {s.label: run / f"eval-{suite.split}-{s.label}" for s in suite.evals})
+                                       {s.label: run / f"eval-{suite.split}-{s.label}" for s in suite.evals},
+                                       selection)
                     models.append(entry)
                     add_model_steps(entry, [label])
     except KembedError as e:
         raise ConfigError(f"suite {suite.name}: {e}") from None
     return steps, models
+
+
+def tune_steps(method: str, recipe: str | None, overrides: list[str], spec: TuneSpec, domain: str, out: Path,
+               data_dir: str | None = None) -> tuple[list[Step], Callable[[], dict]]:
+    """The training steps of ``method``'s tuning grid (:func:`kembed.tune.grid`) on ``domain``,
+    each run in ``out/<domain>/<method>-<config hash>/``, and the function that selects among
+    them once they ran (:func:`kembed.tune.select`; its ``needs`` attribute: the steps' labels).
+
+    Raises:
+        ConfigError, KembedError: the recipe, an override or a grid point is invalid.
+    """
+    from kembed.train import prepare_config
+    from kembed.tune import grid, run_score, select, tune_overrides
+
+    kembed = [sys.executable, "-m", "kembed.cli"]
+    _, _, resolved = prepare_config(method, recipe, overrides, domain=domain, data_dir=data_dir)
+    points, runs, steps = grid(method, resolved, spec), [], []
+    for point in points:
+        cfg = [*overrides, *point.overrides, *tune_overrides()]
+        _, _, point_resolved = prepare_config(method, recipe, cfg, domain=domain, data_dir=data_dir)
+        run = out / domain / f"{method}-{config_hash(point_resolved)}"
+        argv = [*kembed, "train", method, "--domain", domain, "--output", str(run), *cfg,
+                *(["--data-dir", data_dir] if data_dir else []), *(["--recipe", recipe] if recipe else [])]
+        steps.append(Step(f"tune {domain} {method} ({point.label}): train",
+                          lambda a=argv, r=run: [*a, "--resume"] if (r / "kembed-run.json").is_file() else a,
+                          lambda r=run: _finished(r)))
+        runs.append(run)
+
+    def selection() -> dict:
+        return {"method": method, "domain": domain, **select(points, [run_score(r, spec.selection) for r in runs])}
+
+    selection.needs = [s.label for s in steps]
+    return steps, selection
 
 
 def execute(steps: list[Step], console, log_dir: Path, jobs: int = 1, on_step_end=None) -> list[dict]:
@@ -454,9 +508,15 @@ def model_row(entry: ModelEntry, reference: ModelEntry | None,
                               classes.get((entry.domain, label)))
              for label, folder in entry.evals.items()}
     coverage = next((c["coverage"] for c in cells.values() if c and c.get("coverage")), None)
-    return {"domain": entry.domain, "name": entry.name, "method": entry.method, "seed": entry.seed,
-            "model": entry.model, "training_seconds": _training_seconds(entry.run), "coverage": coverage,
-            "evals": cells}
+    row = {"domain": entry.domain, "name": entry.name, "method": entry.method, "seed": entry.seed,
+           "model": entry.model, "training_seconds": _training_seconds(entry.run), "coverage": coverage,
+           "evals": cells}
+    if entry.tuning is not None:
+        try:
+            row["tune"] = entry.tuning()
+        except KembedError:  # no configuration of the grid finished
+            row["tune"] = None
+    return row
 
 
 def compare_entries(paths: list[Path]) -> tuple[list[dict], list[str]]:
@@ -552,17 +612,20 @@ def console_tables(rows: list[dict], labels: list[str], title: str, reference: s
     few tables as the console width allows (:class:`kembed.tables.ConsoleTables`)."""
     header, body = table_cells(rows, labels, reference)
     ref = reference if len(reference) <= 10 else "ref"
-    short = ["model", *(h for label in labels for h in (f"{label} %", f"{label} vs {ref}")),
-             "grounded (n)", "unable %", "train s", "answer known"]
-    first_rest = 1 + 2 * len(labels)
-    groups = [[1 + 2 * i, 2 + 2 * i] for i in range(len(labels))] + [list(range(first_rest, len(header)))]
+    short = {"grounded rationality (n)": "grounded (n)", "unable to explain % [95% CI]": "unable %",
+             "training s": "train s", "answer in training knowledge": "answer known"}
+    for label in labels:
+        short |= {f"{label} % [95% CI]": f"{label} %", f"{label} vs {reference} (pp) [paired CI], p": f"{label} vs {ref}"}
+    groups = [[i for i, h in enumerate(header) if h.startswith(f"{label} ")] for label in labels]
+    groups.append([i for i in range(1, len(header)) if all(i not in g for g in groups)])
     legend = [f"<eval> %: {SCORER} accuracy [95% bootstrap CI]; <eval> vs {ref}: paired difference to {reference} "
               "in points [paired bootstrap 95% CI], McNemar's exact p",
               "grounded (n): mean grounded-judge score of the n judged explanations of correct answers; "
               "unable %: the share the model could not explain [Wilson 95% CI]",
               "train s: training seconds; answer known: questions whose gold answer is in the run's training "
               "knowledge / questions whose answer is in their own snippets"]
-    return ConsoleTables(title, short, body, numbers=range(1, len(header)), groups=groups, legend=legend)
+    return ConsoleTables(title, [short.get(h, h) for h in header], body, numbers=range(1, len(header)),
+                         groups=groups, legend=legend)
 
 
 def plot(rows: list[dict], labels: list[str], out: Path) -> list[Path]:
@@ -765,6 +828,18 @@ def write_report(suite: Suite, rows: list[dict], failures: list[dict], results_d
              "its Wilson 95% CI",
              "- these intervals cover the choice of questions, not variation between training seeds "
              "(`kembed bench SUITE --seeds K` trains K seeds per method)", ""]
+    tuned = {r["method"]: r["tune"] for r in rows if r.get("tune")}
+    if tuned:
+        from kembed.tune import summary_lines
+
+        first = next(iter(tuned.values()))
+        lines += ["## Tuning", "", f"Every method's grid (learning rate x {suite.tune.lr_scales}, epochs x "
+                  f"{suite.tune.epoch_scales}) trained on {first['domain']} with the recipe's seed and scored "
+                  f"closed-book on the validation split held out of the train split "
+                  f"({suite.tune.selection}); test is never read. Each method's selected configuration is "
+                  "what it trains for test, in every domain and seed.", ""]
+        for method, result in tuned.items():
+            lines += summary_lines(method, result)
     for domain in dict.fromkeys(r["domain"] for r in rows):
         header, body = table_cells([r for r in rows if r["domain"] == domain], labels)
         lines += [f"## {domain}", "", markdown_table(header, body), ""]

@@ -17,7 +17,7 @@ from kembed.errors import KembedError
 
 app = typer.Typer(help="Embed domain knowledge into language models and compare the methods that do it.",
                   no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False)
-data_app = typer.Typer(help="Domain data: fetch, validate and import your own.", no_args_is_help=True)
+data_app = typer.Typer(help="Domain data: fetch, validate and import your own; export what a run trained on.", no_args_is_help=True)
 app.add_typer(data_app, name="data")
 index_app = typer.Typer(help="Retrieval indexes over a domain's knowledge documents.", no_args_is_help=True)
 app.add_typer(index_app, name="index")
@@ -283,6 +283,50 @@ def bench(suite: str = typer.Argument("quick", help="Suite name (benchmarks/<nam
         raise typer.Exit(1)
 
 
+@app.command()
+@handle_errors
+def tune(method: str = typer.Argument(..., help="Method name (see `kembed ls`)."),
+         overrides: Optional[list[str]] = typer.Argument(None, help="key=value recipe overrides shared by the grid."),
+         domain: Optional[str] = typer.Option(None, help="Domain (default: the recipe's)."),
+         recipe: Optional[str] = typer.Option(None, help="Recipe file or name (default: recipes/<method>.yaml)."),
+         lr_scales: str = typer.Option("0.5,1,2", help="Multipliers of the recipe's learning rate."),
+         epoch_scales: str = typer.Option("1", help="Multipliers of every epochs field of the method's section."),
+         selection: str = typer.Option("validation-taught", help="validation-taught or validation."),
+         out: Optional[Path] = typer.Option(None, help="Runs (default: runs/tune)."),
+         jobs: int = typer.Option(1, help="Runs trained at once."),
+         data_dir: Optional[str] = DataDir):
+    """Train a grid around a method's recipe and select on held-out validation questions (never test)."""
+    from kembed.bench import execute, tune_steps
+    from kembed.train import prepare_config
+    from kembed.tune import TuneSpec, summary_lines
+
+    def scales(text: str, name: str) -> list[float]:
+        try:
+            return [float(x) for x in text.split(",") if x.strip()]
+        except ValueError:
+            raise KembedError(f"{name} must be numbers separated by commas, got '{text}'") from None
+
+    if selection not in ("validation-taught", "validation"):
+        raise KembedError(f"unknown --selection '{selection}' (choose from validation-taught, validation)")
+    spec = TuneSpec(lr_scales=scales(lr_scales, "--lr-scales"), epoch_scales=scales(epoch_scales, "--epoch-scales"),
+                    selection=selection)
+    run_cfg, _, _ = prepare_config(method, recipe, overrides or [], domain=domain, data_dir=data_dir)
+    out = out or Path("runs") / "tune"
+    steps, select = tune_steps(method, recipe, list(overrides or []), spec, run_cfg.domain, out, data_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    failures = execute(steps, console, out, jobs)
+    result = select()
+    text = "\n".join(summary_lines(method, result))
+    from kembed.runs import write_atomic, write_json
+
+    write_json(out / run_cfg.domain / f"{method}-tune.json", result)
+    write_atomic(out / run_cfg.domain / f"{method}-tune.md", text + "\n")
+    console.print(text)
+    console.print(f"train it: kembed train {method} {' '.join(result['overrides'])}")
+    if failures:
+        raise typer.Exit(1)
+
+
 @config_app.command("check")
 @handle_errors
 def config_check(method: str = typer.Argument(..., help="Method name."),
@@ -431,7 +475,8 @@ def data_export(run: Path = typer.Argument(..., help="A `kembed train` run direc
                 fmt: str = typer.Option("trl", "--format",
                                         help="trl: TRL's conversational prompt-completion and preference formats, "
                                              "and its language-modeling format for CPT."),
-                output: Optional[Path] = typer.Option(None, "--output", help="Folder to write (default: RUN/export-FORMAT).")):
+                output: Optional[Path] = typer.Option(None, "--output",
+                                                      help="Folder to write (default: RUN/export-FORMAT).")):
     """Write the examples a run trained on as datasets other tools train from: one JSONL file per
     training stage, loadable with datasets.load_dataset("json", data_files=...)."""
     from kembed.export import export_run
@@ -439,7 +484,7 @@ def data_export(run: Path = typer.Argument(..., help="A `kembed train` run direc
     for f in export_run(run, fmt, output):
         left_out = f" ({f.skipped} pairs whose chosen and rejected answers agree left out)" if f.skipped else ""
         written = f"{f.path}: {f.rows} {f.kind} examples" if f.path else f"{f.source.name}: nothing to export"
-        console.print(written + left_out, highlight=False)
+        console.print(written + left_out, highlight=False, soft_wrap=True)
 
 
 @index_app.command("build")

@@ -14,7 +14,8 @@ file of the same name. Format ``trl`` writes TRL's dataset formats
   training set (the kept pairs plus the Stage-I examples, as the stage trains). TRL's
   ``SFTTrainer`` trains on the completion only by default, as kembed does.
 - language modeling, ``{"text": ...}``, for CPT: the documents whose tokens its trained blocks
-  hold. kembed cut them into fixed-size blocks; ``SFTTrainer`` does the same with ``packing=True``.
+  hold. kembed cut them into fixed-size blocks; ``SFTTrainer`` does the same with ``packing=True,
+  packing_strategy="wrapped"`` and ``max_length`` the block size.
 - conversational preference, ``{"prompt", "chosen", "rejected"}``, for RLAG's trained pairs
   (``DPOTrainer``). The prompt is the closed-book chat prompt, the one RLAG scores the rejected
   (naive) answer under. The chosen answer is the one the model gave with the knowledge snippets

@@ -136,12 +136,15 @@ class TrainContext:
     def dev_accuracy(self, label: str) -> dict:
         """Closed-book accuracy of the current weights on the ``eval.split`` records (``{}`` if
         none), with the evaluator's default prompt format, so that every run and recipe is
-        compared by the same protocol as ``kembed eval``. Under several processes each rank
-        scores its :func:`~kembed.distributed.shard` of the questions (all of them when the
-        weights are sharded, whose forward passes must run in step) and every rank gets the
-        summary of all of them."""
+        compared by the same protocol as ``kembed eval``; also on its taught questions (the gold
+        answer in the training records' snippets, :func:`kembed.data.answer_knowledge`: what
+        ``kembed tune`` selects on) and the ids answered correctly (for paired comparisons).
+        Under several processes each rank scores its :func:`~kembed.distributed.shard` of the
+        questions (all of them when the weights are sharded, whose forward passes must run in
+        step) and every rank gets the summary of all of them."""
         if not self.dev_records:
             return {}
+        from kembed.data import TAUGHT, answer_knowledge
         from kembed.evaluate import score_records, summarize
         from kembed.scoring import OptionScorer
 
@@ -154,9 +157,16 @@ class TrainContext:
         if split_work:
             samples = distributed.gather(samples, len(self.dev_records))
         summary = summarize(samples)
+        correct = [s["id"] for s in samples if s["correct"]["token_mean"]]
+        classes = answer_knowledge(self.records, self.dev_records)
+        taught = [i for i, k in classes.items() if k == TAUGHT]
+        taught_acc = len(set(correct) & set(taught)) / len(taught) if taught else None
         self.console.print(f"  {split} closed-book accuracy {label} (token_mean): "
-                           f"{100 * summary['accuracy']['token_mean']:.1f}% on {summary['n']} questions")
-        return {"dev_split": split, "dev_accuracy": summary["accuracy"], "dev_ci95": summary["ci95"]}
+                           f"{100 * summary['accuracy']['token_mean']:.1f}% on {summary['n']} questions"
+                           + (f", {100 * taught_acc:.1f}% on the {len(taught)} taught" if taught else ""))
+        return {"dev_split": split, "dev_accuracy": summary["accuracy"], "dev_ci95": summary["ci95"],
+                "dev_taught": {"n": len(taught), "accuracy": taught_acc, "ids": sorted(taught)},
+                "dev_correct_ids": sorted(correct)}
 
     def finish_iteration(self, done: int) -> None:
         """Save the model, measure dev accuracy if configured, and record progress (``done``

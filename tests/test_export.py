@@ -86,7 +86,8 @@ def test_rlag_export_is_a_trl_preference_set(data_dir, tiny_model_dir, tiny_toke
     assert {f.kind for f in files} == {"preference"}
 
     # the trained pairs whose answers differ, in order: what a preference set can hold
-    pairs = [json.loads(line) for it in (1, 2) for line in (run / "pairs" / f"iter-{it:03d}.jsonl").read_text().splitlines()]
+    pairs = [json.loads(line) for it in (1, 2)
+             for line in (run / "pairs" / f"iter-{it:03d}.jsonl").read_text().splitlines()]
     preferred = [p for p in pairs if p["trained"] and p["chosen_index"] != p["rejected_index"]]
     assert preferred, "the tiny model agreed with the gold answer on every question: nothing to check"
     assert sum(f.rows for f in files) == len(preferred)
@@ -108,13 +109,41 @@ def test_rlag_export_is_a_trl_preference_set(data_dir, tiny_model_dir, tiny_toke
         assert set(text) == {"prompt", "chosen", "rejected"} and text["prompt"].endswith("<|im_start|>assistant\n")
 
 
+def test_raft_and_simrag_export_what_they_trained_on(data_dir, tiny_model_dir, tmp_path, monkeypatch):
+    from test_simrag import Scripted
+
+    raft = train("raft", tiny_model_dir, tmp_path / "raft", "raft.epochs=1", "raft.k=1", "raft.distractors=random")
+    (only,) = export_run(raft)
+    assert only.source.name == "001-raft.jsonl" and only.kind == "prompt-completion"
+    built = [json.loads(line) for line in (raft / "raft_examples.jsonl").read_text().splitlines()]
+    for row, example, record in zip(load(only.path), built, records_of(raft)):
+        prompt = row["prompt"][0]["content"]
+        assert all(f"<DOCUMENT>{d}</DOCUMENT>" in prompt for d in example["documents"]) and record.question in prompt
+        assert row["completion"] == [{"role": "assistant", "content": example["target"]}]
+        assert example["target"].endswith(f"<ANSWER>: {record.answer}")
+
+    monkeypatch.setenv("KEMBED_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setattr("kembed.generation.LocalGenerator", Scripted)
+    simrag = train("simrag", tiny_model_dir, tmp_path / "simrag", "simrag.documents=2")
+    stage1, stage2 = export_run(simrag)
+    assert (stage1.source.name, stage2.source.name) == ("001-stage-i.jsonl", "002-stage-ii.jsonl")
+    kept = [json.loads(line) for line in (simrag / "simrag_kept.jsonl").read_text().splitlines()]
+    first = [json.loads(line) for line in (simrag / "simrag_stage1.jsonl").read_text().splitlines()]
+    assert kept and stage1.rows == len(first) and stage2.rows == len(kept) + len(first)
+    pairs = [(row["prompt"][0]["content"], row["completion"][0]["content"]) for row in load(stage2.path)]
+    assert pairs == [(p["training_prompt"], p["target"]) for p in kept] + [(e["prompt"], e["target"]) for e in first]
+
+
 def test_every_kind_converts_and_bad_input_is_a_one_line_error(tmp_path):
     run = tmp_path / "run"
     (run / "examples").mkdir(parents=True)
     (run / "kembed-run.json").write_text("{}")
-    rows = {"001-raft.jsonl": [{"prompt": "<DOCUMENT>d</DOCUMENT>\nQuestion: q", "completion": "<ANSWER>: a"}],
-            "002-rlag.jsonl": [{"prompt": "q", "augmented_prompt": "z q", "chosen": "a", "rejected": "b", "knowledge": []},
-                               {"prompt": "q2", "augmented_prompt": "z q2", "chosen": "a", "rejected": "a", "knowledge": []}],
+    raft_prompt = "<DOCUMENT>d</DOCUMENT>\nQuestion: q"
+    rows = {"001-raft.jsonl": [{"prompt": raft_prompt, "completion": "<ANSWER>: a"}],
+            "002-rlag.jsonl": [{"prompt": "q", "augmented_prompt": "z q", "chosen": "a", "rejected": "b",
+                                "knowledge": ["z"]},
+                               {"prompt": "q2", "augmented_prompt": "z q2", "chosen": "a", "rejected": "a",
+                                "knowledge": ["z"]}],  # no preference: left out
             "003-cpt.jsonl": [{"text": "A document."}]}
     for name, content in rows.items():
         (run / "examples" / name).write_text("".join(json.dumps(r) + "\n" for r in content))
@@ -122,7 +151,7 @@ def test_every_kind_converts_and_bad_input_is_a_one_line_error(tmp_path):
     assert [(f.kind, f.rows, f.skipped) for f in files] == [("prompt-completion", 1, 0), ("preference", 1, 1),
                                                             ("language-modeling", 1, 0)]
     written = {f.path.name: [json.loads(line) for line in f.path.read_text().splitlines()] for f in files}
-    assert written["001-raft.jsonl"] == [{"prompt": [{"role": "user", "content": "<DOCUMENT>d</DOCUMENT>\nQuestion: q"}],
+    assert written["001-raft.jsonl"] == [{"prompt": [{"role": "user", "content": raft_prompt}],
                                           "completion": [{"role": "assistant", "content": "<ANSWER>: a"}]}]
     assert written["002-rlag.jsonl"] == [{"prompt": [{"role": "user", "content": "q"}],
                                           "chosen": [{"role": "assistant", "content": "a"}],

@@ -102,14 +102,16 @@ def test_results_and_pairwise_tables_fit_80_columns():
     scorers = ("token_mean", "sum", "char_norm")
     summary = {"model": "smollm2-135m-instruct", "domain": "current-events", "split": "test", "n": 162,
                "accuracy": dict.fromkeys(scorers, 0.167), "ci95": dict.fromkeys(scorers, [0.117, 0.228]),
-               "trained_on": "rlag: 120 records (seed 42)", "coverage": {"answer_covered": 59, "answer_in_snippets": 123}}
+               "trained_on": "rlag: 120 records (seed 42)",
+               "coverage": {"answer_covered": 59, "answer_in_snippets": 123}}
     rows = [{**summary, "mode": "closed-book", "format": "raw"},
             {**summary, "mode": "retrieved-context", "format": "chat", "index": "bm25", "top_k": 3}]
     text = assert_fits(results_table(rows), 80)
     assert "retrieved-context" in text and "rlag: 120 records" in text
     assert "token_mean % [95% CI]" in results_markdown(rows)  # Markdown keeps the full headers
 
-    stats = {"n": 40, "wins": 20, "losses": 10, "ties": 10, "win_rate": 0.625, "ci95": [0.5, 0.75], "sign_test_p": 0.0987}
+    stats = {"n": 40, "wins": 20, "losses": 10, "ties": 10, "win_rate": 0.625, "ci95": [0.5, 0.75],
+             "sign_test_p": 0.0987}
     result = {"run": "rlag-current-events", "reference": "base", "stats": stats, "order_flip_rate": 0.25,
               "judge_failed": 1, "usage": {"prompt_tokens": 12000, "completion_tokens": 800}}
     assert "62.5 [50.0, 75.0]" in assert_fits(pairwise_table([result]), 80)

@@ -114,3 +114,55 @@ def test_seed_summary_and_taught_split_over_fake_evaluations(tmp_path):
     ranking = method_ranking(rows, "closed-book-raw")
     assert ranking == [{"domain": "d", "a": "rlag", "b": "sft", "diff": pytest.approx(rlag["diff"]),
                         "ci95": ranking[0]["ci95"], "decided": True}]
+
+
+def invoke(*args):
+    from typer.testing import CliRunner
+
+    from kembed.cli import app
+
+    return CliRunner().invoke(app, [str(a) for a in args], catch_exceptions=False)
+
+
+def test_tune_selection_never_reads_test(data_dir, tiny_model_dir, tmp_path):
+    args = ["tune", "sft", f"model={tiny_model_dir}", "limit=4", "validation=2", "precision=fp32", "train.batch_size=2",
+            "sft.epochs=1", "--lr-scales", "1,300"]
+    first = invoke(*args, "--out", tmp_path / "a")
+    assert first.exit_code == 0, first.output
+    # poison the test split: every gold answer moves to another option
+    path = data_dir / "CurrentEvents" / "CurrentEvents_test.json"
+    rows = json.loads(path.read_text())
+    for r in rows:
+        labels = list(r["options"])
+        r["answer_idx"] = labels[(labels.index(r["answer_idx"]) + 1) % len(labels)]
+        r["answer"] = r["options"][r["answer_idx"]]
+    path.write_text(json.dumps(rows))
+    second = invoke(*args, "--out", tmp_path / "b")
+    assert second.exit_code == 0, second.output
+    a, b = (json.loads((tmp_path / x / "current-events" / "sft-tune.json").read_text()) for x in "ab")
+    assert len(a["scores"]) == 2 and all(s["score"] is not None and s["n"] == 2 for s in a["scores"])
+    assert a["scores"] == b["scores"] and a["selected"] == b["selected"]
+    assert a["scores"][0]["label"] == "lr x1, epochs x1"  # the recipe's own configuration first
+    assert "train.learning_rate=" in " ".join(a["overrides"])
+
+
+def test_a_suite_with_a_tune_block_trains_the_selection_for_test(data_dir, tiny_model_dir, tmp_path):
+    from kembed.bench import load_suite, plan
+    from kembed.tune import GridPoint, select
+
+    suite = tmp_path / "tuned.yaml"
+    suite.write_text(json.dumps({
+        "name": "tuned", "model": str(tiny_model_dir), "domains": ["current-events"], "methods": ["sft", "cpt-sft"],
+        "overrides": {"all": [f"model={tiny_model_dir}", "limit=4", "validation=2"]},
+        "tune": {"lr_scales": [0.5, 1], "epoch_scales": [1, 2]}}))
+    steps, models = plan(load_suite(str(suite)), tmp_path / "runs", seeds=2)
+    tune = [s for s in steps if s.label.startswith("tune ")]
+    assert len(tune) == 2 * 4  # the same grid shape for every method
+    cpt_sft = [s.argv() for s in tune if "cpt-sft" in s.label]
+    assert any("cpt-sft.cpt.epochs=4.0" in a and "cpt-sft.sft.epochs=6.0" in a for a in cpt_sft)  # every epochs field
+    trains = [s for s in steps if s.label.endswith(": train") and not s.label.startswith("tune ")]
+    assert all(set(s.needs) and set(s.needs) <= {t.label for t in tune} for s in trains)
+    # ties go to the recipe's configuration, then the cheaper one
+    points = [GridPoint("lr x1, epochs x1", [], 1, 1), GridPoint("lr x0.5, epochs x1", [], 0.5, 1)]
+    score = {"score": 0.5, "n": 2, "ids": ["a", "b"], "correct": ["a"], "validation": 0.5}
+    assert select(points, [score, dict(score)])["selected"] == "lr x1, epochs x1"

@@ -260,7 +260,8 @@ def train(ctx) -> None:
                 distractors=cfg.distractors, builders=sorted({e["builder"] for e in examples}))
     ctx.console.print(f"RAFT: {len(examples)} examples, {n_oracle} with the oracle document, k = {cfg.k} "
                       f"{cfg.distractors} distractors ({replaced} candidates that contain the gold answer passed over)")
-    rows = [{"prompt": user_prompt(r, e["documents"]), "completion": e["target"]} for r, e in zip(ctx.records, examples)]
+    rows = [{"prompt": user_prompt(record, example["documents"]), "completion": example["target"]}
+            for record, example in zip(ctx.records, examples)]
     save_examples(ctx, "raft", rows)
     tokenized = []
     for row in rows:
