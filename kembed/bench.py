@@ -19,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import json
 import platform
+import re
 import subprocess
 import sys
 import time
@@ -574,10 +575,16 @@ def table_cells(rows: list[dict], labels: list[str], reference: str = "base") ->
     """Header and cells of the comparison table: per evaluation label, accuracy [95% CI],
     difference to the ``reference`` row [paired 95% CI] with McNemar's p; then grounded rationality and
     unable-to-explain share [Wilson 95% CI] (from the first explained evaluation), training
-    time and knowledge coverage of the evaluated split."""
+    time and knowledge coverage of the evaluated split. The first evaluation also gets its
+    accuracy on the taught and the untaught questions (:func:`by_knowledge`) with the paired
+    difference to the reference, when the rows carry knowledge classes."""
     header = ["model"]
+    split = next((c["by_knowledge"] for r in rows for c in [r["evals"].get(labels[0])] if c and c.get("by_knowledge")),
+                 None) if labels else None
     for label in labels:
         header += [f"{label} % [95% CI]", f"{label} vs {reference} (pp) [paired CI], p"]
+        if split and label == labels[0]:
+            header += [f"{label} {kind} % (n = {split[kind]['n']}), vs {reference} (pp)" for kind in ("taught", "untaught")]
     header += ["grounded rationality (n)", "unable to explain % [95% CI]", "training s", "answer in training knowledge"]
     body = []
     for r in rows:
@@ -586,12 +593,17 @@ def table_cells(rows: list[dict], labels: list[str], reference: str = "base") ->
         for label in labels:
             c = r["evals"].get(label)
             if c is None:
-                line += ["-", "-"]
+                line += ["-", "-"] + (["-", "-"] if split and label == labels[0] else [])
                 continue
             line.append(f"{_pct(c['accuracy'])} [{_pct(c['ci95'][0])}, {_pct(c['ci95'][1])}]")
             v = c.get("vs_reference")
             line.append(f"{100 * v['diff']:+.1f} [{100 * v['ci95'][0]:+.1f}, {100 * v['ci95'][1]:+.1f}], {_p(v['p_value'])}"
                         if v else "-")
+            if split and label == labels[0]:
+                for kind in ("taught", "untaught"):
+                    k = (c.get("by_knowledge") or {}).get(kind)
+                    d = (k or {}).get("vs_reference")
+                    line.append("-" if not k else _pct(k["accuracy"]) + (f", {100 * d['diff']:+.1f}" if d else ""))
             judged = judged or c.get("grounded")
         if judged and judged["scored"]:
             line.append(f"{judged['mean_score']:.2f} ({judged['scored']})")
@@ -616,10 +628,16 @@ def console_tables(rows: list[dict], labels: list[str], title: str, reference: s
              "training s": "train s", "answer in training knowledge": "answer known"}
     for label in labels:
         short |= {f"{label} % [95% CI]": f"{label} %", f"{label} vs {reference} (pp) [paired CI], p": f"{label} vs {ref}"}
-    groups = [[i for i, h in enumerate(header) if h.startswith(f"{label} ")] for label in labels]
+    short |= {h: re.sub(r" % \(n = (\d+)\).*", r" (n=\1)", h) for h in header if " taught % (" in h or " untaught % (" in h}
+    split = [i for i, h in enumerate(header) if " taught % (" in h or " untaught % (" in h]
+    groups = [[i for i, h in enumerate(header) if h.startswith(f"{label} ") and i not in split] for label in labels]
+    groups += [split] if split else []
     groups.append([i for i in range(1, len(header)) if all(i not in g for g in groups)])
     legend = [f"<eval> %: {SCORER} accuracy [95% bootstrap CI]; <eval> vs {ref}: paired difference to {reference} "
               "in points [paired bootstrap 95% CI], McNemar's exact p",
+              *([f"{labels[0]} taught / untaught: accuracy on the questions whose gold answer is in the run's "
+                 f"training snippets / only in their own untrained snippets, then the paired difference to {reference}"]
+                if any(" taught % (" in h for h in header) else []),
               "grounded (n): mean grounded-judge score of the n judged explanations of correct answers; "
               "unable %: the share the model could not explain [Wilson 95% CI]",
               "train s: training seconds; answer known: questions whose gold answer is in the run's training "
