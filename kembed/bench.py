@@ -74,6 +74,11 @@ class Suite(Strict):
             ``judge_url``).
         judge_model, judge_url, judge_name, judge_key_env: the language-model judge (a local
             model; or an endpoint, the model name it serves, and the variable holding its key).
+        tune: the tuning grid every method gets before it trains for test (:class:`TuneSpec`).
+        retention, retention_domains: score every trained model closed-book (raw) on a seeded
+            sample of this many test questions of each other domain of ``retention_domains``,
+            against the base model on the same questions: what injecting one domain cost the
+            others.
     """
 
     name: str
@@ -94,6 +99,8 @@ class Suite(Strict):
     judge_name: str | None = None
     judge_key_env: str | None = None
     tune: TuneSpec | None = None
+    retention: int | None = Field(None, ge=1)
+    retention_domains: list[str] = ["medical", "legal", "astronomy", "current-events"]
 
 
 def load_suite(name: str) -> Suite:
@@ -160,6 +167,7 @@ class ModelEntry:
     run: Path | None
     evals: dict[str, Path]
     tuning: Callable[[], dict] | None = None  # the tune selection its training used (kembed.tune.select)
+    retention: dict[str, Path] = field(default_factory=dict)  # other domain -> its closed-book evaluation
 
 
 def plan(suite: Suite, out: Path, seeds: int | None = None, data_dir: str | None = None) -> tuple[list[Step], list[ModelEntry]]:
@@ -212,6 +220,21 @@ def plan(suite: Suite, out: Path, seeds: int | None = None, data_dir: str | None
                 steps.append(Step(f"{entry.domain} {entry.name}: judge {judge} {spec.label}", lambda a=argv: a,
                                   needs=[f"{entry.domain} {entry.name}: explain {spec.label}"]))
 
+    def add_retention_steps(entry: ModelEntry, needs: list[str]) -> None:
+        for other in suite.retention_domains if suite.retention else []:
+            if other == entry.domain:
+                continue
+            folder = (entry.run / f"retention-{other}" if entry.run
+                      else out / "retention" / other / "base")
+            entry.retention[other] = folder
+            label = f"{entry.domain} {entry.name}: retention {other}"
+            if entry.run is None and any(s.label.endswith(f"base: retention {other}") for s in steps):
+                continue  # the base model is scored once per domain
+            argv = [*kembed, "eval", "--domain", other, "--model", entry.model, "--split", "test", "--mode",
+                    "closed-book", "--format", "raw", "--sample", str(suite.retention), "--output", str(folder),
+                    "--overwrite", *data]
+            steps.append(Step(label, lambda a=argv: a, lambda f=folder: (f / "results.json").is_file(), needs))
+
     def check_domain(name: str) -> None:
         split = get_domain(name, data_dir).splits
         if suite.split not in split:
@@ -231,12 +254,14 @@ def plan(suite: Suite, out: Path, seeds: int | None = None, data_dir: str | None
         return selection
 
     try:  # every domain, method, recipe and override is checked here, before any step runs
-        for domain in suite.domains:
+        for domain in suite.domains + (suite.retention_domains if suite.retention else []):
             check_domain(domain)
+        for domain in suite.domains:
             base = ModelEntry(domain, "base", None, None, suite.model, None,
                               {s.label: out / domain / "base" / f"eval-{suite.split}-{s.label}" for s in suite.evals})
             models.append(base)
             add_model_steps(base, [])
+            add_retention_steps(base, [])
             for method in suite.methods:
                 overrides = [*suite.overrides.get("all", []), *suite.overrides.get(method, [])]
                 run_cfg, _, _ = prepare_config(method, suite.recipes.get(method), overrides, domain=domain,
@@ -268,6 +293,7 @@ def plan(suite: Suite, out: Path, seeds: int | None = None, data_dir: str | None
                                        selection)
                     models.append(entry)
                     add_model_steps(entry, [label])
+                    add_retention_steps(entry, [label])
     except KembedError as e:
         raise ConfigError(f"suite {suite.name}: {e}") from None
     return steps, models
@@ -500,10 +526,13 @@ def eval_cell(folder: Path, reference: Path | None, classes: dict[str, str] | No
 
 
 def model_row(entry: ModelEntry, reference: ModelEntry | None,
-              classes: dict[tuple[str, str], dict[str, str]] | None = None) -> dict:
+              classes: dict[tuple[str, str], dict[str, str]] | None = None,
+              base_retention: dict[str, Path] | None = None) -> dict:
     """One table row: the model's evaluations (:func:`eval_cell`, against the reference model's
     evaluation of the same label, split by ``classes``, :func:`shared_knowledge`), training
-    seconds and knowledge coverage."""
+    seconds, knowledge coverage and, for a trained model, retention: its closed-book cells on
+    the other domains against the base model's (``base_retention``: domain -> folder), and
+    ``retention_mean``, the mean difference over those domains (fractions)."""
     classes = classes or {}
     cells = {label: eval_cell(folder, reference.evals.get(label) if reference else None,
                               classes.get((entry.domain, label)))
@@ -512,6 +541,10 @@ def model_row(entry: ModelEntry, reference: ModelEntry | None,
     row = {"domain": entry.domain, "name": entry.name, "method": entry.method, "seed": entry.seed,
            "model": entry.model, "training_seconds": _training_seconds(entry.run), "coverage": coverage,
            "evals": cells}
+    if entry.method is not None and entry.retention:
+        row["retention"] = {d: eval_cell(f, (base_retention or {}).get(d)) for d, f in entry.retention.items()}
+        diffs = [c["vs_reference"]["diff"] for c in row["retention"].values() if c and c.get("vs_reference")]
+        row["retention_mean"] = sum(diffs) / len(diffs) if diffs else None
     if entry.tuning is not None:
         try:
             row["tune"] = entry.tuning()
@@ -560,7 +593,8 @@ def collect(models: list[ModelEntry]) -> list[dict]:
     """Rows for every model, each compared with its domain's base model."""
     base = {m.domain: m for m in models if m.method is None}
     classes = shared_knowledge(models)
-    return [model_row(m, base.get(m.domain), classes) for m in models]
+    retention = {d: f for m in base.values() for d, f in m.retention.items()}
+    return [model_row(m, base.get(m.domain), classes, retention) for m in models]
 
 
 def _pct(x: float) -> str:
@@ -585,7 +619,9 @@ def table_cells(rows: list[dict], labels: list[str], reference: str = "base") ->
         header += [f"{label} % [95% CI]", f"{label} vs {reference} (pp) [paired CI], p"]
         if split and label == labels[0]:
             header += [f"{label} {kind} % (n = {split[kind]['n']}), vs {reference} (pp)" for kind in ("taught", "untaught")]
-    header += ["grounded rationality (n)", "unable to explain % [95% CI]", "training s", "answer in training knowledge"]
+    header += ["grounded rationality (n)", "unable to explain % [95% CI]"]
+    header += ["retention vs base (pp, domains)"] if any("retention" in r for r in rows) else []
+    header += ["training s", "answer in training knowledge"]
     body = []
     for r in rows:
         line = [r["name"]]
@@ -611,6 +647,9 @@ def table_cells(rows: list[dict], labels: list[str], reference: str = "base") ->
             line.append(f"{_pct(judged['unable_share'])} [{_pct(lo)}, {_pct(hi)}]")
         else:
             line += ["-", "-"]
+        if any("retention" in x for x in rows):
+            line.append("-" if r.get("retention_mean") is None else
+                        f"{100 * r['retention_mean']:+.1f} ({len(r['retention'])})")
         line.append(f"{r['training_seconds']:.0f}" if r.get("training_seconds") is not None else "-")
         cov = r.get("coverage")
         line.append(f"{cov['answer_covered']}/{cov['answer_in_snippets']}" if cov else "-")
@@ -625,7 +664,8 @@ def console_tables(rows: list[dict], labels: list[str], title: str, reference: s
     header, body = table_cells(rows, labels, reference)
     ref = reference if len(reference) <= 10 else "ref"
     short = {"grounded rationality (n)": "grounded (n)", "unable to explain % [95% CI]": "unable %",
-             "training s": "train s", "answer in training knowledge": "answer known"}
+             "training s": "train s", "answer in training knowledge": "answer known",
+             "retention vs base (pp, domains)": "retention"}
     for label in labels:
         short |= {f"{label} % [95% CI]": f"{label} %", f"{label} vs {reference} (pp) [paired CI], p": f"{label} vs {ref}"}
     short |= {h: re.sub(r" % \(n = (\d+)\).*", r" (n=\1)", h) for h in header if " taught % (" in h or " untaught % (" in h}
@@ -640,6 +680,9 @@ def console_tables(rows: list[dict], labels: list[str], title: str, reference: s
                 if any(" taught % (" in h for h in header) else []),
               "grounded (n): mean grounded-judge score of the n judged explanations of correct answers; "
               "unable %: the share the model could not explain [Wilson 95% CI]",
+              *(["retention: closed-book accuracy on the other domains' test samples minus the base model's, "
+                 "in points, averaged over the domains (how many in brackets)"]
+                if "retention vs base (pp, domains)" in header else []),
               "train s: training seconds; answer known: questions whose gold answer is in the run's training "
               "knowledge / questions whose answer is in their own snippets"]
     return ConsoleTables(title, [short.get(h, h) for h in header], body, numbers=range(1, len(header)),

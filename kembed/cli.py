@@ -89,6 +89,8 @@ def evaluate(domain: str = typer.Option(..., help="Domain to evaluate on."),
              top_k: int = typer.Option(3, "--top-k", help="retrieved-context: documents retrieved per question."),
              index: str = typer.Option("bm25", "--index", help="retrieved-context: index kind, bm25, dense or hybrid."),
              limit: Optional[int] = typer.Option(None, help="Only the first N questions."),
+             sample: Optional[int] = typer.Option(None, min=1, help="A seeded random N of the questions (in file order)."),
+             sample_seed: int = typer.Option(0, help="--sample: the seed of the draw."),
              output: Optional[str] = typer.Option(None, help="Output directory (default: runs/eval-<domain>-<split>-<mode>[-chat]-<time>)."),
              fmt: str = typer.Option("raw", "--format", help="Scoring format: raw (the paper's protocol, no chat "
                                                              "template) or chat (the model's chat template)."),
@@ -129,6 +131,11 @@ def evaluate(domain: str = typer.Option(..., help="Domain to evaluate on."),
     if (out / "results.json").exists() and not overwrite:
         raise KembedError(f"{out / 'results.json'} exists: pass --overwrite or choose another --output")
     records = load_records(domain, split, data_dir, limit=limit)
+    if sample is not None and sample < len(records):
+        import random
+
+        chosen = set(random.Random(sample_seed).sample(range(len(records)), sample))
+        records = [r for i, r in enumerate(records) if i in chosen]
     if mode == "oracle-context" and not any(r.knowledge for r in records):
         raise KembedError(f"{domain}/{split} has no knowledge snippets: oracle-context needs them")
     retriever = build_index(domain, index, data_dir) if mode == "retrieved-context" else None

@@ -166,3 +166,32 @@ def test_a_suite_with_a_tune_block_trains_the_selection_for_test(data_dir, tiny_
     points = [GridPoint("lr x1, epochs x1", [], 1, 1), GridPoint("lr x0.5, epochs x1", [], 0.5, 1)]
     score = {"score": 0.5, "n": 2, "ids": ["a", "b"], "correct": ["a"], "validation": 0.5}
     assert select(points, [score, dict(score)])["selected"] == "lr x1, epochs x1"
+
+
+def test_retention_scores_every_trained_model_on_the_other_domains(data_dir, tiny_model_dir, tmp_path):
+    import shutil
+
+    from kembed.bench import load_suite, plan
+
+    astro = data_dir / "Astronomy"  # a second domain: the toy records under Astronomy's file names
+    astro.mkdir()
+    for split, name in (("train", "Astronomy_train.json"), ("dev", "astronomy_dev.json"), ("test", "Astronomy_test.json")):
+        shutil.copy(data_dir / "CurrentEvents" / f"CurrentEvents_{split}.json", astro / name)
+    suite = tmp_path / "retention.yaml"
+    suite.write_text(json.dumps({
+        "name": "retention", "model": str(tiny_model_dir), "domains": ["current-events"], "methods": ["sft"],
+        "overrides": {"all": [f"model={tiny_model_dir}", "limit=4", "validation=2"]},
+        "retention": 3, "retention_domains": ["current-events", "astronomy"]}))
+    steps, models = plan(load_suite(str(suite)), tmp_path / "runs", seeds=2)
+    retention = [s for s in steps if "retention" in s.label]
+    assert len(retention) == 3  # the base model once, each seed's run once; never its own domain
+    assert all("--sample" in s.argv() and "astronomy" in s.argv() for s in retention)
+    assert all(s.needs == [] if "base" in s.label else s.needs[0].endswith(": train") for s in retention)
+    # a seeded sample: the same questions for every model
+    out = [tmp_path / f"ev{i}" for i in range(2)]
+    for folder in out:
+        result = invoke("eval", "--domain", "astronomy", "--model", tiny_model_dir, "--sample", 3, "--output", folder,
+                        "--precision", "fp32")
+        assert result.exit_code == 0, result.output
+    ids = [[json.loads(line)["id"] for line in (f / "samples.jsonl").read_text().splitlines()] for f in out]
+    assert len(ids[0]) == 3 and ids[0] == ids[1]
