@@ -75,6 +75,10 @@ class Suite(Strict):
         judge_model, judge_url, judge_name, judge_key_env: the language-model judge (a local
             model; or an endpoint, the model name it serves, and the variable holding its key).
         tune: the tuning grid every method gets before it trains for test (:class:`TuneSpec`).
+        domain_seeds: domain -> its training seeds, instead of ``seeds`` (e.g. three seeds on
+            the tuning domain, one elsewhere).
+        launch: an accelerate config file (e.g. ``accelerate/ddp.yaml``): every training step
+            runs under ``accelerate launch --config_file <it>``.
         retention, retention_domains: score every trained model closed-book (raw) on a seeded
             sample of this many test questions of each other domain of ``retention_domains``,
             against the base model on the same questions: what injecting one domain cost the
@@ -100,6 +104,8 @@ class Suite(Strict):
     judge_key_env: str | None = None
     tune: TuneSpec | None = None
     retention: int | None = Field(None, ge=1)
+    domain_seeds: dict[str, list[int]] = {}
+    launch: str | None = None
     retention_domains: list[str] = ["medical", "legal", "astronomy", "current-events"]
 
 
@@ -189,6 +195,7 @@ def plan(suite: Suite, out: Path, seeds: int | None = None, data_dir: str | None
     from kembed.train import prepare_config
 
     kembed = [sys.executable, "-m", "kembed.cli"]
+    trainer = train_command(suite.launch)
     data = ["--data-dir", data_dir] if data_dir else []
     steps: list[Step] = []
     models: list[ModelEntry] = []
@@ -249,7 +256,7 @@ def plan(suite: Suite, out: Path, seeds: int | None = None, data_dir: str | None
             return None
         check_domain(suite.tune.domain or suite.domains[0])
         tune, selection = tune_steps(method, suite.recipes.get(method), overrides, suite.tune,
-                                     suite.tune.domain or suite.domains[0], out / "tune", data_dir)
+                                     suite.tune.domain or suite.domains[0], out / "tune", data_dir, suite.launch)
         steps.extend(tune)
         return selection
 
@@ -271,7 +278,7 @@ def plan(suite: Suite, out: Path, seeds: int | None = None, data_dir: str | None
                 if run_cfg.domain != domain:
                     raise ConfigError(f"the {method} overrides set domain={run_cfg.domain}; list domains under 'domains'")
                 method_seeds = (list(range(run_cfg.seed, run_cfg.seed + seeds)) if seeds
-                                else suite.seeds or [run_cfg.seed])
+                                else suite.domain_seeds.get(domain) or suite.seeds or [run_cfg.seed])
                 selection = tunings[method] = tunings.get(method) or add_tune_steps(method, overrides)
                 for seed in method_seeds:
                     seeded = [*overrides, f"seed={seed}"]
@@ -280,7 +287,7 @@ def plan(suite: Suite, out: Path, seeds: int | None = None, data_dir: str | None
                     tuned = f"-tuned{config_hash(suite.tune.model_dump())}" if selection else ""
                     run = out / domain / f"{method}-s{seed}-{config_hash(resolved)}{tuned}"
                     name = method if len(method_seeds) == 1 else f"{method} (seed {seed})"
-                    argv = [*kembed, "train", method, "--domain", domain, "--output", str(run), *data]
+                    argv = [*trainer, "train", method, "--domain", domain, "--output", str(run), *data]
                     if method in suite.recipes:
                         argv += ["--recipe", suite.recipes[method]]
                     label = f"{domain} {name}: train"
@@ -299,8 +306,23 @@ def plan(suite: Suite, out: Path, seeds: int | None = None, data_dir: str | None
     return steps, models
 
 
+def train_command(launch: str | None = None) -> list[str]:
+    """The command line that runs ``kembed`` training: in this Python, or under ``accelerate
+    launch --config_file <launch>`` (an accelerate config file).
+
+    Raises:
+        ConfigError: ``launch`` is not a file.
+    """
+    if launch is None:
+        return [sys.executable, "-m", "kembed.cli"]
+    path = Path(launch) if Path(launch).is_file() else BENCH_DIR.parent / launch
+    if not path.is_file():
+        raise ConfigError(f"launch: no accelerate config file {launch}")
+    return [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(path), "-m", "kembed.cli"]
+
+
 def tune_steps(method: str, recipe: str | None, overrides: list[str], spec: TuneSpec, domain: str, out: Path,
-               data_dir: str | None = None) -> tuple[list[Step], Callable[[], dict]]:
+               data_dir: str | None = None, launch: str | None = None) -> tuple[list[Step], Callable[[], dict]]:
     """The training steps of ``method``'s tuning grid (:func:`kembed.tune.grid`) on ``domain``,
     each run in ``out/<domain>/<method>-<config hash>/``, and the function that selects among
     them once they ran (:func:`kembed.tune.select`; its ``needs`` attribute: the steps' labels).
@@ -311,7 +333,7 @@ def tune_steps(method: str, recipe: str | None, overrides: list[str], spec: Tune
     from kembed.train import prepare_config
     from kembed.tune import grid, run_score, select, tune_overrides
 
-    kembed = [sys.executable, "-m", "kembed.cli"]
+    kembed = train_command(launch)
     _, _, resolved = prepare_config(method, recipe, overrides, domain=domain, data_dir=data_dir)
     points, runs, steps = grid(method, resolved, spec), [], []
     for point in points:
@@ -930,8 +952,12 @@ def write_report(suite: Suite, rows: list[dict], failures: list[dict], results_d
 
 
 def run_suite(suite: Suite, *, out: Path, results_dir: Path, seeds: int | None = None, data_dir: str | None = None,
-              jobs: int = 1, console=None) -> tuple[Path, list[dict]]:
+              jobs: int = 1, console=None, domains: list[str] | None = None) -> tuple[Path, list[dict]]:
     """Plan, execute and report a suite; returns ``(results.md, failures)``.
+
+    ``domains`` runs only those domains' steps (and the tuning grid they need); the report
+    still covers every domain with results in ``out``, so that invocations one domain at a time
+    merge into one results.json and results.md.
 
     Every invocation keeps a record in ``out/bench-invocations.jsonl`` (start, wall seconds so
     far, steps run, whether it finished), updated after each step, so that the report states the
@@ -943,12 +969,18 @@ def run_suite(suite: Suite, *, out: Path, results_dir: Path, seeds: int | None =
 
     console = console or Console()
     steps, models = plan(suite, out, seeds, data_dir)
+    if domains:
+        unknown = [d for d in domains if d not in suite.domains]
+        if unknown:
+            raise ConfigError(f"suite {suite.name}: --domains {', '.join(unknown)} not in its domains "
+                              f"({', '.join(suite.domains)})")
+        steps = [s for s in steps if s.label.startswith("tune ") or any(s.label.startswith(f"{d} ") for d in domains)]
     out.mkdir(parents=True, exist_ok=True)
     log = out / "bench-invocations.jsonl"
     earlier = log.read_text().splitlines() if log.is_file() else []
     start = time.time()
     record = {"started": datetime.fromtimestamp(start, timezone.utc).isoformat(timespec="seconds"), "jobs": jobs,
-              "seconds": 0.0, "steps_run": 0, "finished": False}
+              "domains": domains or suite.domains, "seconds": 0.0, "steps_run": 0, "finished": False}
 
     def save(step_ran: bool = True) -> None:
         record["seconds"] = round(time.time() - start, 1)
@@ -960,7 +992,7 @@ def run_suite(suite: Suite, *, out: Path, results_dir: Path, seeds: int | None =
     record["finished"] = True
     save(False)
     invocations = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
-    rows = collect(models)
+    rows = [r for r in collect(models) if any(r["evals"].values())]  # domains not run yet are left out
     report = write_report(suite, rows, failures, results_dir, invocations)
     labels = [s.label for s in suite.evals]
     for domain in dict.fromkeys(r["domain"] for r in rows):

@@ -276,6 +276,8 @@ def bench(suite: str = typer.Argument("quick", help="Suite name (benchmarks/<nam
           results_dir: Optional[Path] = typer.Option(None, "--results", help="Tables and plots (default: benchmarks/results/<suite>)."),
           seeds: Optional[int] = typer.Option(None, help="Train K seeds per method (default: the suite's)."),
           jobs: int = typer.Option(1, help="Steps run at once (each with CPU cores / jobs threads; logs in OUT/logs)."),
+          domains: Optional[str] = typer.Option(None, help="Run only these of the suite's domains (comma-separated); "
+                                                           "the report merges every domain run so far."),
           data_dir: Optional[str] = DataDir):
     """Train, evaluate, explain and judge every method of a suite; resumable; writes results.md and plots."""
     from kembed.bench import BENCH_DIR, load_suite, run_suite
@@ -283,7 +285,8 @@ def bench(suite: str = typer.Argument("quick", help="Suite name (benchmarks/<nam
     spec = load_suite(suite)
     report, failures = run_suite(spec, out=out or Path("runs") / "bench" / spec.name,
                                  results_dir=results_dir or BENCH_DIR / "results" / spec.name, seeds=seeds,
-                                 data_dir=data_dir, jobs=jobs, console=console)
+                                 data_dir=data_dir, jobs=jobs, console=console,
+                                 domains=[d.strip() for d in domains.split(",") if d.strip()] if domains else None)
     console.print(f"results: {report}")
     if failures:
         console.print(f"[red]{len(failures)} step(s) failed or were skipped[/]: see the Failures section of {report}")

@@ -256,9 +256,13 @@ def test_parallel_jobs_respect_needs(tmp_path):
     assert order.read_text().split() == ["t", "e", "j"]
 
 
-@pytest.mark.parametrize("name", ["quick", "standard", "paper"])
+@pytest.mark.parametrize("name", ["quick", "cpu", "standard", "paper"])
 def test_shipped_suites_plan(name, tmp_path):
     suite = load_suite(name)
     steps, models = plan(suite, tmp_path)
-    assert sum(s.label.endswith(": train") for s in steps) == len(suite.methods) * len(suite.domains) * len(suite.seeds or [0])
+    seeds = sum(len(suite.domain_seeds.get(d) or suite.seeds or [0]) for d in suite.domains)
+    trains = [s for s in steps if s.label.endswith(": train") and not s.label.startswith("tune ")]
+    assert len(trains) == len(suite.methods) * seeds
+    grid = len(suite.tune.lr_scales) * len(suite.tune.epoch_scales) if suite.tune else 0
+    assert sum(s.label.startswith("tune ") for s in steps) == len(suite.methods) * grid
     assert {m.domain for m in models} == set(suite.domains)
