@@ -70,7 +70,9 @@ def domain_documents(domain: str, data_dir: str | os.PathLike | None = None) -> 
 
     The domain's knowledge base (:func:`kembed.data.load_knowledge_base`, one document per
     line, in file order) when it has one; otherwise the unique knowledge snippets of its train
-    split in first-seen order. Snippets of other splits (test above all) are never used.
+    split in first-seen order (the test split's records are not read, but a knowledge base may
+    hold their snippets: CurrentEvents.txt does, verbatim). Training reads these documents only
+    under ``knowledge: knowledge-base`` (:meth:`kembed.train.TrainContext.knowledge_documents`).
 
     Raises:
         KembedError: unknown domain, missing data, or no documents at all.
