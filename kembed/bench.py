@@ -362,7 +362,10 @@ def execute(steps: list[Step], console, log_dir: Path, jobs: int = 1, on_step_en
     succeeded), each with ``OMP_NUM_THREADS`` = CPU cores // jobs and its output in
     ``log_dir/logs/<step>.log``.
 
-    ``on_step_end()`` is called after each step that ran.
+    ``on_step_end()`` is called after each step that ran. Each step that ran appends
+    ``{"step", "returncode", "seconds", "max_rss_mb"}`` (wall time; the peak resident memory of
+    its largest process) to ``log_dir/bench-steps.jsonl``, the source of the report's time
+    breakdown.
 
     Returns:
         The failures: ``{"step", "returncode"}``, or ``{"step", "blocked_by"}`` for a step skipped
@@ -382,7 +385,18 @@ def execute(steps: list[Step], console, log_dir: Path, jobs: int = 1, on_step_en
     running: dict[str, tuple] = {}
     start = time.time()
 
-    def finish(step: Step, rc: int) -> None:
+    def reap(proc, block: bool) -> tuple[int, float] | None:
+        """(exit code, peak RSS in MiB) of an ended step; None while it runs."""
+        pid, status, usage = os.wait4(proc.pid, 0 if block else os.WNOHANG)
+        if pid == 0:
+            return None
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        return proc.returncode, usage.ru_maxrss / 1024  # Linux: KiB
+
+    def finish(step: Step, rc: int, rss_mb: float, seconds: float) -> None:
+        with open(log_dir / "bench-steps.jsonl", "a") as f:
+            f.write(json.dumps({"step": step.label, "returncode": rc, "seconds": round(seconds, 1),
+                                "max_rss_mb": round(rss_mb)}) + "\n")
         if on_step_end is not None:
             on_step_end()
         if rc == 0:
@@ -410,23 +424,25 @@ def execute(steps: list[Step], console, log_dir: Path, jobs: int = 1, on_step_en
                     console.print(f"{head}: done before", highlight=False)
                     continue
                 console.print(f"{head} ({time.time() - start:.0f}s elapsed)", highlight=False)
+                began = time.time()
                 if jobs == 1:
-                    finish(step, subprocess.call(step.argv()))
+                    finish(step, *reap(subprocess.Popen(step.argv()), block=True), seconds=time.time() - began)
                     break  # in order: look at the next step only now
                 log = open(log_dir / "logs" / (re.sub(r"[^A-Za-z0-9._-]+", "-", step.label).strip("-") + ".log"), "a")
                 running[step.label] = (subprocess.Popen(step.argv(), stdout=log, stderr=subprocess.STDOUT, env=env),
-                                       step, log)
+                                       step, log, began)
             elif jobs == 1:
                 break
         ended = False
-        for label, (proc, step, log) in list(running.items()):
-            if proc.poll() is not None:
+        for label, (proc, step, log, began) in list(running.items()):
+            result = reap(proc, block=False)
+            if result is not None:
                 ended = True
                 log.close()
                 del running[label]
-                console.print(f"finished {label} (exit {proc.returncode}, {time.time() - start:.0f}s elapsed)",
+                console.print(f"finished {label} (exit {result[0]}, {time.time() - start:.0f}s elapsed)",
                               highlight=False)
-                finish(step, proc.returncode)
+                finish(step, *result, seconds=time.time() - began)
         if running:
             time.sleep(1)
         elif pending and len(pending) == before and not ended:  # needs no step provides: those never start
@@ -505,17 +521,44 @@ def _training_seconds(run: Path | None) -> float | None:
     return round(sum(e.get("seconds", 0) for e in ends), 1) if ends else None
 
 
-def rationality(folder: Path, judge: str = "grounded") -> dict | None:
-    """A judge's summary (:func:`kembed.judges.summarize_judgments`) of the explanations in an
-    evaluation folder: the latest configuration of that judge; None when not judged."""
-    from kembed.judges import judge_key, read_judgments, summarize_judgments
+def _latest_judgments(folder: Path, judge: str) -> dict[str, dict]:
+    """Question id -> the latest configuration's judgment of that judge (a re-parse supersedes
+    earlier judgments); empty when not judged."""
+    from kembed.judges import judge_key, read_judgments
 
     rows = [r for r in read_judgments(folder) if r["judge"] == judge]
     if not rows:
-        return None
+        return {}
     key = judge_key(rows[-1]["judge"], rows[-1]["version"], rows[-1]["settings"])
-    latest = {r["id"]: r for r in read_judgments(folder, key)}  # a re-parse supersedes earlier judgments
-    return summarize_judgments(list(latest.values()))
+    return {r["id"]: r for r in read_judgments(folder, key)}
+
+
+def rationality(folder: Path, judge: str = "grounded") -> dict | None:
+    """A judge's summary (:func:`kembed.judges.summarize_judgments`) of the explanations in an
+    evaluation folder: the latest configuration of that judge; None when not judged."""
+    from kembed.judges import summarize_judgments
+
+    latest = _latest_judgments(folder, judge)
+    return summarize_judgments(list(latest.values())) if latest else None
+
+
+def paired_rationality(folder: Path, reference: Path, judge: str = "grounded") -> dict | None:
+    """Rationality of two models compared on the questions both answered correctly and both
+    had scored (each model explains only its own correct answers, so unpaired means compare
+    different questions): the paired bootstrap of the score difference
+    (:func:`kembed.stats.paired_bootstrap_diff`).
+
+    Returns:
+        ``{"n", "diff": mean score of folder - of reference, "ci95"}``; None when either is not
+        judged.
+    """
+    from kembed.stats import paired_bootstrap_diff
+
+    a, b = _latest_judgments(folder, judge), _latest_judgments(reference, judge)
+    if not a or not b:
+        return None
+    ids = sorted(i for i in set(a) & set(b) if a[i]["score"] is not None and b[i]["score"] is not None)
+    return paired_bootstrap_diff([a[i]["score"] for i in ids], [b[i]["score"] for i in ids])
 
 
 def eval_cell(folder: Path, reference: Path | None, classes: dict[str, str] | None = None) -> dict | None:
@@ -544,6 +587,8 @@ def eval_cell(folder: Path, reference: Path | None, classes: dict[str, str] | No
     judged = rationality(folder)
     if judged:
         cell["grounded"] = judged
+        if ref is not None:
+            cell["grounded_vs_reference"] = paired_rationality(folder, reference)
     return cell
 
 
@@ -641,13 +686,14 @@ def table_cells(rows: list[dict], labels: list[str], reference: str = "base") ->
         header += [f"{label} % [95% CI]", f"{label} vs {reference} (pp) [paired CI], p"]
         if split and label == labels[0]:
             header += [f"{label} {kind} % (n = {split[kind]['n']}), vs {reference} (pp)" for kind in ("taught", "untaught")]
-    header += ["grounded rationality (n)", "unable to explain % [95% CI]"]
+    header += ["grounded rationality (n)", f"grounded vs {reference}, both correct [paired CI] (n)",
+               "unable to explain % [95% CI]"]
     header += ["retention vs base (pp, domains)"] if any("retention" in r for r in rows) else []
     header += ["training s", "answer in training knowledge"]
     body = []
     for r in rows:
         line = [r["name"]]
-        judged = None
+        judged = paired_judged = None
         for label in labels:
             c = r["evals"].get(label)
             if c is None:
@@ -662,13 +708,16 @@ def table_cells(rows: list[dict], labels: list[str], reference: str = "base") ->
                     k = (c.get("by_knowledge") or {}).get(kind)
                     d = (k or {}).get("vs_reference")
                     line.append("-" if not k else _pct(k["accuracy"]) + (f", {100 * d['diff']:+.1f}" if d else ""))
-            judged = judged or c.get("grounded")
+            if not judged and c.get("grounded"):
+                judged, paired_judged = c["grounded"], c
         if judged and judged["scored"]:
             line.append(f"{judged['mean_score']:.2f} ({judged['scored']})")
+            g = paired_judged.get("grounded_vs_reference") if paired_judged else None
+            line.append(f"{g['diff']:+.2f} [{g['ci95'][0]:+.2f}, {g['ci95'][1]:+.2f}] ({g['n']})" if g and g["n"] else "-")
             lo, hi = judged["unable_ci95"]
             line.append(f"{_pct(judged['unable_share'])} [{_pct(lo)}, {_pct(hi)}]")
         else:
-            line += ["-", "-"]
+            line += ["-", "-", "-"]
         if any("retention" in x for x in rows):
             line.append("-" if r.get("retention_mean") is None else
                         f"{100 * r['retention_mean']:+.1f} ({len(r['retention'])})")
@@ -686,6 +735,7 @@ def console_tables(rows: list[dict], labels: list[str], title: str, reference: s
     header, body = table_cells(rows, labels, reference)
     ref = reference if len(reference) <= 10 else "ref"
     short = {"grounded rationality (n)": "grounded (n)", "unable to explain % [95% CI]": "unable %",
+             f"grounded vs {reference}, both correct [paired CI] (n)": f"grounded vs {ref}",
              "training s": "train s", "answer in training knowledge": "answer known",
              "retention vs base (pp, domains)": "retention"}
     for label in labels:
@@ -694,13 +744,16 @@ def console_tables(rows: list[dict], labels: list[str], title: str, reference: s
     split = [i for i, h in enumerate(header) if " taught % (" in h or " untaught % (" in h]
     groups = [[i for i, h in enumerate(header) if h.startswith(f"{label} ") and i not in split] for label in labels]
     groups += [split] if split else []
-    groups.append([i for i in range(1, len(header)) if all(i not in g for g in groups)])
+    rest = [i for i in range(1, len(header)) if all(i not in g for g in groups)]
+    groups.append([i for i in rest if "grounded" in header[i] or "unable" in header[i]])  # rationality
+    groups.append([i for i in rest if i not in groups[-1]])  # retention, time, coverage
     legend = [f"<eval> %: {SCORER} accuracy [95% bootstrap CI]; <eval> vs {ref}: paired difference to {reference} "
               "in points [paired bootstrap 95% CI], McNemar's exact p",
               *([f"{labels[0]} taught / untaught: accuracy on the questions whose gold answer is in the run's "
                  f"training snippets / only in their own untrained snippets, then the paired difference to {reference}"]
                 if any(" taught % (" in h for h in header) else []),
               "grounded (n): mean grounded-judge score of the n judged explanations of correct answers; "
+              f"grounded vs {ref}: the paired difference on the n questions both answered correctly; "
               "unable %: the share the model could not explain [Wilson 95% CI]",
               *(["retention: closed-book accuracy on the other domains' test samples minus the base model's, "
                  "in points, averaged over the domains (how many in brackets)"]
@@ -871,6 +924,44 @@ def seed_table(summary: list[dict]) -> tuple[list[str], list[list[str]]]:
     return header, body
 
 
+STEP_KINDS = {"train": "training", "eval": "scoring", "explain": "generation", "judge": "judging",
+              "retention": "retention"}
+
+
+def time_breakdown(records: list[dict]) -> list[dict]:
+    """Wall seconds and peak memory per model and kind of step, from ``bench-steps.jsonl``
+    records (:func:`execute`): ``tuning`` (a method's grid), ``training`` (RLAG's sampling
+    included), ``scoring``, ``generation`` (explanations), ``judging`` and ``retention``; a step
+    that ran in several invocations counts each time.
+
+    Returns:
+        Dicts ``{"model": "<domain> <name>" or "<method> (tuning)", <kind>: seconds, ...,
+        "max_rss_mb"}`` in first-seen order.
+    """
+    out: dict[str, dict] = {}
+    for r in records:
+        label = r["step"]
+        if label.startswith("tune "):
+            model, kind = label.split(" (")[0].split(" ", 2)[2] + " (tuning)", "tuning"
+        else:
+            model, _, rest = label.partition(": ")
+            kind = STEP_KINDS.get(rest.split(" ")[0], "other")
+        row = out.setdefault(model, {"model": model, "max_rss_mb": 0})
+        row[kind] = round(row.get(kind, 0) + r["seconds"], 1)
+        row["max_rss_mb"] = max(row["max_rss_mb"], r.get("max_rss_mb") or 0)
+    return list(out.values())
+
+
+def breakdown_table(rows: list[dict]) -> tuple[list[str], list[list[str]]]:
+    """Header and cells of :func:`time_breakdown` for results.md (seconds; MiB)."""
+    kinds = ["tuning", *STEP_KINDS.values()]
+    kinds = [k for k in kinds if any(k in r for r in rows)]
+    header = ["model", *(f"{k} s" for k in kinds), "total s", "peak MiB"]
+    body = [[r["model"], *(f"{r[k]:.0f}" if k in r else "-" for k in kinds),
+             f"{sum(r.get(k, 0) for k in kinds):.0f}", str(r["max_rss_mb"])] for r in rows]
+    return header, body
+
+
 def git_commit() -> str | None:
     """The checkout's commit (with ``-dirty`` when it has uncommitted changes), if in git."""
     root = BENCH_DIR.parent
@@ -884,8 +975,10 @@ def git_commit() -> str | None:
         return None
 
 
-def write_report(suite: Suite, rows: list[dict], failures: list[dict], results_dir: Path, invocations: list[dict]) -> Path:
-    """``results.json``, ``results.md`` and the plots of a suite into ``results_dir``."""
+def write_report(suite: Suite, rows: list[dict], failures: list[dict], results_dir: Path, invocations: list[dict],
+                 step_times: list[dict] | None = None) -> Path:
+    """``results.json``, ``results.md`` and the plots of a suite into ``results_dir``;
+    ``step_times``: the ``bench-steps.jsonl`` records, for the time breakdown."""
     from kembed.runs import write_atomic, write_json
 
     labels = [s.label for s in suite.evals]
@@ -896,7 +989,9 @@ def write_report(suite: Suite, rows: list[dict], failures: list[dict], results_d
             "bench_seconds": round(sum(i["seconds"] for i in invocations), 1), "invocations": invocations,
             "scorer": SCORER, "failures": failures}
     summary, ranking = seed_summary(rows, labels), method_ranking(rows, labels[0])
-    write_json(results_dir / "results.json", {**meta, "rows": rows, "over_seeds": summary, "ranking": ranking})
+    times = time_breakdown(step_times or [])
+    write_json(results_dir / "results.json", {**meta, "rows": rows, "over_seeds": summary, "ranking": ranking,
+                                              "steps": step_times or [], "time_breakdown": times})
     plots = plot(rows, labels, results_dir)
     lines = [f"# Benchmark suite `{suite.name}`", "", suite.description, "",
              f"- command: `{meta['command']}` (`make bench` for the quick suite: `--jobs 2`); "
@@ -943,6 +1038,10 @@ def write_report(suite: Suite, rows: list[dict], failures: list[dict], results_d
                    f"[{100 * e['ci95'][0]:+.1f}, {100 * e['ci95'][1]:+.1f}])" for e in ranking if e["decided"]]
         lines += [f"Rankings on {labels[0]} whose two-level 95% CI clears zero: "
                   + ("; ".join(decided) if decided else "none: every pair of methods is undecided at this scale"), ""]
+    if times:
+        lines += ["## Where the time goes", "", "Wall seconds of the bench's steps per model (as run here, with "
+                  "the step's threads; a step run again after an interruption counts again) and the peak resident "
+                  "memory of a step's largest process.", "", markdown_table(*breakdown_table(times)), ""]
     lines += [f"![{p.stem}]({p.name})" for p in plots] + [""]
     if failures:
         lines += ["## Failures", ""] + [f"- {f['step']}: " + (f"exit {f['returncode']}" if "returncode" in f
@@ -993,7 +1092,10 @@ def run_suite(suite: Suite, *, out: Path, results_dir: Path, seeds: int | None =
     save(False)
     invocations = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
     rows = [r for r in collect(models) if any(r["evals"].values())]  # domains not run yet are left out
-    report = write_report(suite, rows, failures, results_dir, invocations)
+    steps_log = out / "bench-steps.jsonl"
+    step_times = [json.loads(line) for line in steps_log.read_text().splitlines() if line.strip()] \
+        if steps_log.is_file() else []
+    report = write_report(suite, rows, failures, results_dir, invocations, step_times)
     labels = [s.label for s in suite.evals]
     for domain in dict.fromkeys(r["domain"] for r in rows):
         console.print(console_tables([r for r in rows if r["domain"] == domain], labels, f"{suite.name}: {domain}"))

@@ -67,7 +67,7 @@ def test_compare_table_fits_80_columns():
     table = console_tables(ROWS, LABELS, "kembed compare")
     text = assert_fits(table, 80)
     assert "+11.1 [+4.3, +17.9], <0.001" in text and "59/123" in text and "0.46 (35)" in text
-    assert text.count("kembed compare") == 3  # one table per evaluation, one for explanations and training
+    assert text.count("kembed compare") == 4  # one table per evaluation, one for rationality, one for time and coverage
     assert "answer known:" in text  # the legend explains the short headers
     assert render(table, 250).count("kembed compare") == 1  # a wide terminal gets one table
 

@@ -195,3 +195,21 @@ def test_retention_scores_every_trained_model_on_the_other_domains(data_dir, tin
         assert result.exit_code == 0, result.output
     ids = [[json.loads(line)["id"] for line in (f / "samples.jsonl").read_text().splitlines()] for f in out]
     assert len(ids[0]) == 3 and ids[0] == ids[1]
+
+
+def test_rationality_is_compared_on_questions_both_answered_correctly(tmp_path):
+    from kembed.bench import paired_rationality
+
+    def judged(folder, scores):
+        folder.mkdir()
+        rows = [{"judge": "grounded", "version": 1, "settings": {}, "id": i, "score": s, "verdict": "ok",
+                 "unable": False} for i, s in scores.items()]
+        (folder / "judgments.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        return folder
+
+    a = judged(tmp_path / "a", {"q1": 0.9, "q2": 0.7, "q3": 0.8})  # q3: only A answered it
+    b = judged(tmp_path / "b", {"q1": 0.4, "q2": 0.5, "q4": 0.1})  # q4: only B answered it
+    out = paired_rationality(a, b)
+    assert out["n"] == 2 and out["diff"] == pytest.approx(0.35)
+    assert 0.2 <= out["ci95"][0] <= out["ci95"][1] <= 0.5
+    assert paired_rationality(a, tmp_path) is None
