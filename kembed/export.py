@@ -28,7 +28,6 @@ The export needs neither TRL nor ``datasets``; it writes JSON.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -88,14 +87,10 @@ def read_examples(path: Path) -> tuple[str | None, list[dict]]:
         DataError: a line that is not JSON, a row of no known kind, a field that is not text,
             or rows of different kinds.
     """
+    from kembed.data import read_records
+
     kind, rows = None, []
-    for i, line in enumerate(path.read_text(encoding="utf-8").splitlines()):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise DataError(path, f"invalid JSON: {e.msg}", record=i) from None
+    for i, row in enumerate(read_records(path, jsonl=True)):
         this = row_kind(row)
         if this is None:
             raise DataError(path, "not an example row: needs the fields " + " or ".join(
