@@ -175,7 +175,7 @@ def test_bench_runs_a_suite_and_resumes(data_dir, tiny_model_dir, tmp_path):
     assert (results / "accuracy.png").is_file() and "| sft |" in (results / "results.md").read_text()
     times = {r["model"]: r for r in report["time_breakdown"]}  # every step's wall time and peak memory
     assert times["current-events sft"]["training"] > 0 and times["current-events sft"]["max_rss_mb"] > 100
-    assert len(report["steps"]) == 8 and "## Where the time goes" in (results / "results.md").read_text()
+    assert len(report["steps"]) == 9 and "## Where the time goes" in (results / "results.md").read_text()
 
     # interrupt: one evaluation lost, the training run cut short after its start
     run = next((out / "current-events").glob("sft-s42-*"))
