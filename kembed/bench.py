@@ -464,16 +464,16 @@ def _samples(folder: Path) -> list[dict]:
     return [json.loads(line) for line in (folder / "samples.jsonl").read_text().splitlines() if line.strip()]
 
 
-def _correct(folder: Path) -> dict[str, bool]:
-    return {r["id"]: bool(r["correct"][SCORER]) for r in _samples(folder)}
+def _correct(folder: Path, samples: list[dict] | None = None) -> dict[str, bool]:
+    return {r["id"]: bool(r["correct"][SCORER]) for r in (samples or _samples(folder))}
 
 
-def _knowledge(folder: Path) -> dict[str, str]:
+def _knowledge(folder: Path, samples: list[dict] | None = None) -> dict[str, str]:
     """Question id -> knowledge class (taught, untaught, no-answer-snippet) of an evaluation of a
     trained run (``kembed eval`` marks each sample); empty for the base model."""
-    if not (folder / "samples.jsonl").is_file():
+    if samples is None and not (folder / "samples.jsonl").is_file():
         return {}
-    return {r["id"]: r["knowledge"] for r in _samples(folder) if "knowledge" in r}
+    return {r["id"]: r["knowledge"] for r in (samples or _samples(folder)) if "knowledge" in r}
 
 
 def shared_knowledge(entries: list[ModelEntry]) -> dict[tuple[str, str], dict[str, str]]:
@@ -576,12 +576,13 @@ def eval_cell(folder: Path, reference: Path | None, classes: dict[str, str] | No
             "ci95": summary["ci95"][SCORER], "coverage": summary.get("coverage"),
             "mode": summary.get("mode"), "format": summary.get("format") or "raw", "model": summary.get("model"),
             "domain": summary.get("domain"), "split": summary.get("split")}
-    correct = _correct(folder)
+    samples = _samples(folder)
+    correct = _correct(folder, samples)
     ref = _correct(reference) if reference is not None and reference != folder and \
         (reference / "samples.jsonl").is_file() else None
     if ref is not None:
         cell["vs_reference"] = paired_accuracy(correct, ref)
-    classes = _knowledge(folder) or classes
+    classes = _knowledge(folder, samples) or classes
     if classes:
         cell["by_knowledge"] = by_knowledge(correct, ref, classes)
     judged = rationality(folder)
@@ -740,8 +741,8 @@ def console_tables(rows: list[dict], labels: list[str], title: str, reference: s
              "retention vs base (pp, domains)": "retention"}
     for label in labels:
         short |= {f"{label} % [95% CI]": f"{label} %", f"{label} vs {reference} (pp) [paired CI], p": f"{label} vs {ref}"}
-    short |= {h: re.sub(r" % \(n = (\d+)\).*", r" (n=\1)", h) for h in header if " taught % (" in h or " untaught % (" in h}
-    split = [i for i, h in enumerate(header) if " taught % (" in h or " untaught % (" in h]
+    split = [i for i, h in enumerate(header) if "taught % (n = " in h]  # taught and untaught
+    short |= {header[i]: re.sub(r" % \(n = (\d+)\).*", r" (n=\1)", header[i]) for i in split}
     groups = [[i for i, h in enumerate(header) if h.startswith(f"{label} ") and i not in split] for label in labels]
     groups += [split] if split else []
     rest = [i for i in range(1, len(header)) if all(i not in g for g in groups)]
@@ -751,7 +752,7 @@ def console_tables(rows: list[dict], labels: list[str], title: str, reference: s
               "in points [paired bootstrap 95% CI], McNemar's exact p",
               *([f"{labels[0]} taught / untaught: accuracy on the questions whose gold answer is in the run's "
                  f"training snippets / only in their own untrained snippets, then the paired difference to {reference}"]
-                if any(" taught % (" in h for h in header) else []),
+                if split else []),
               "grounded (n): mean grounded-judge score of the n judged explanations of correct answers; "
               f"grounded vs {ref}: the paired difference on the n questions both answered correctly; "
               "unable %: the share the model could not explain [Wilson 95% CI]",
@@ -901,11 +902,11 @@ def method_ranking(rows: list[dict], label: str) -> list[dict]:
                 x = [[c[q] for q in ids] for c in runs[a]]
                 y = [[c[q] for q in ids] for c in runs[b]]
                 d = seeds_bootstrap_diff(x, y)
-                if d["diff"] < 0:
-                    a, b, x, y = b, a, y, x
-                    d = seeds_bootstrap_diff(x, y)
-                out.append({"domain": domain, "a": a, "b": b, "diff": d["diff"], "ci95": d["ci95"],
-                            "decided": d["ci95"][0] > 0 or d["ci95"][1] < 0})
+                diff, (lo, hi) = d["diff"], d["ci95"]
+                if diff < 0:  # name the better method first: b - a is the mirror of a - b
+                    a, b, diff, lo, hi = b, a, -diff, -hi, -lo
+                out.append({"domain": domain, "a": a, "b": b, "diff": diff, "ci95": [lo, hi],
+                            "decided": lo > 0 or hi < 0})
     return out
 
 

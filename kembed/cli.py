@@ -307,6 +307,7 @@ def tune(method: str = typer.Argument(..., help="Method name (see `kembed ls`)."
          data_dir: Optional[str] = DataDir):
     """Train a grid around a method's recipe and select on held-out validation questions (never test)."""
     from kembed.bench import execute, tune_steps
+    from kembed.runs import write_atomic, write_json
     from kembed.train import prepare_config
     from kembed.tune import TuneSpec, summary_lines
 
@@ -327,8 +328,6 @@ def tune(method: str = typer.Argument(..., help="Method name (see `kembed ls`)."
     failures = execute(steps, console, out, jobs)
     result = select()
     text = "\n".join(summary_lines(method, result))
-    from kembed.runs import write_atomic, write_json
-
     write_json(out / run_cfg.domain / f"{method}-tune.json", result)
     write_atomic(out / run_cfg.domain / f"{method}-tune.md", text + "\n")
     console.print(text)
