@@ -93,7 +93,11 @@ def evaluate(domain: str = typer.Option(..., help="Domain to evaluate on."),
              sample_seed: int = typer.Option(0, help="--sample: the seed of the draw."),
              output: Optional[str] = typer.Option(None, help="Output directory (default: runs/eval-<domain>-<split>-<mode>[-chat]-<time>)."),
              fmt: str = typer.Option("raw", "--format", help="Scoring format: raw (the paper's protocol, no chat "
-                                                             "template) or chat (the model's chat template)."),
+                                                             "template), chat (the model's chat template) or raft "
+                                                             "(RAFT's instruction: the model reasons, options scored "
+                                                             "after <ANSWER>:)."),
+             reasoning_tokens: int = typer.Option(128, "--reasoning-tokens", min=1,  # scoring.DEFAULT_REASONING_TOKENS
+                                                  help="--format raft: tokens the model may write before <ANSWER>:."),
              scorer: str = typer.Option("shared_prefix", help="Scorer implementation: shared_prefix or reference."),
              batch_tokens: int = typer.Option(4096, "--batch-tokens", min=1,  # kembed.scoring.DEFAULT_BATCH_TOKENS
                                               help="Token budget of one scoring batch (halved and retried on out-of-memory)."),
@@ -142,10 +146,11 @@ def evaluate(domain: str = typer.Option(..., help="Domain to evaluate on."),
     placement = choose_placement(device, precision)
     main = distributed.is_main()  # under a multi-process launch the ranks share the questions
     with Progress(console=console, transient=True, disable=not main) as progress:
-        task = progress.add_task(f"scoring {domain}/{split} ({mode}, {fmt})", total=len(distributed.shard(records)))
+        passes = 2 if fmt == "raft" else 1  # raft: each question's reasoning is written, then scored
+        task = progress.add_task(f"scoring {domain}/{split} ({mode}, {fmt})", total=passes * len(distributed.shard(records)))
         summary, samples = run_eval(model, records, mode=mode, placement=placement, implementation=scorer,
                                     progress=lambda k=1: progress.advance(task, k), index=retriever, top_k=top_k, fmt=fmt,
-                                    batch_tokens=batch_tokens)
+                                    batch_tokens=batch_tokens, reasoning_tokens=reasoning_tokens)
     if not main:
         return  # the main process writes and reports
     from kembed.evaluate import run_knowledge, run_training

@@ -29,7 +29,7 @@ import torch
 
 from kembed.prompts import truncate_knowledge
 from kembed.records import QARecord
-from kembed.scoring import DEFAULT_BATCH_TOKENS, SCORERS, OptionScorer
+from kembed.scoring import DEFAULT_BATCH_TOKENS, DEFAULT_REASONING_TOKENS, SCORERS, OptionScorer, raft_reasoning
 from kembed.stats import bootstrap_ci
 from kembed.tables import ConsoleTables, markdown_table
 
@@ -37,7 +37,8 @@ MODES = ("closed-book", "oracle-context", "retrieved-context")
 
 
 def score_records(scorer: OptionScorer, records: list[QARecord], mode: str = "closed-book",
-                  progress=None, retrieved: Mapping[str, Sequence] | None = None) -> list[dict]:
+                  progress=None, retrieved: Mapping[str, Sequence] | None = None,
+                  reasoning_tokens: int = DEFAULT_REASONING_TOKENS) -> list[dict]:
     """Score every option of every record and return one sample dict per record.
 
     Args:
@@ -46,15 +47,19 @@ def score_records(scorer: OptionScorer, records: list[QARecord], mode: str = "cl
         mode: ``closed-book`` (question only), ``oracle-context`` (the record's own
             knowledge snippets in the prompt) or ``retrieved-context`` (``retrieved[record.id]``
             in the prompt).
-        progress: optional callable ``progress(k)`` advanced as each k records finish.
+        progress: optional callable ``progress(k)`` advanced as each k records finish (in the
+            ``raft`` format twice per record: once written, once scored).
         retrieved: for ``retrieved-context``: record id -> the retrieved documents, best first,
             each a text or a ``(document index, score, text)`` hit of
             :meth:`kembed.retrieval.DomainIndex.search` (see :func:`retrieve_for`).
+        reasoning_tokens: ``raft`` format: the tokens the model may write before ``<ANSWER>:``.
 
     Returns:
         Dicts with id, gold, ``scores`` (scorer -> per-option list), ``predicted``
         (scorer -> option index) and ``correct`` (scorer -> bool); with hits, also
-        ``retrieved`` (``[document index, score]`` per hit).
+        ``retrieved`` (``[document index, score]`` per hit); in the ``raft`` format also
+        ``reasoning``, what the model wrote (the options were scored after its
+        :func:`kembed.prompts.answer_stem`).
 
     Raises:
         ValueError: an unknown mode, or ``retrieved-context`` without ``retrieved`` or with a
@@ -83,9 +88,13 @@ def score_records(scorer: OptionScorer, records: list[QARecord], mode: str = "cl
             context = None
         knowledge.append(context)
         hits.append(found)
-    results = scorer.score_many(records, knowledge, progress=progress)
+    reasoning = None
+    if scorer.fmt == "raft":
+        reasoning = raft_reasoning(scorer.model, scorer.tokenizer, scorer.placement, records, knowledge,
+                                   reasoning_tokens, progress)
+    results = scorer.score_many(records, knowledge, progress=progress, reasoning=reasoning)
     samples = []
-    for record, result, found in zip(records, results, hits):
+    for i, (record, result, found) in enumerate(zip(records, results, hits)):
         predicted = {s: result.predict(s) for s in SCORERS}
         samples.append({
             "id": record.id,
@@ -97,6 +106,8 @@ def score_records(scorer: OptionScorer, records: list[QARecord], mode: str = "cl
         })
         if found is not None:
             samples[-1]["retrieved"] = [[int(h[0]), round(float(h[1]), 6)] for h in found]
+        if reasoning is not None:
+            samples[-1]["reasoning"] = reasoning[i]
     return samples
 
 
@@ -124,7 +135,8 @@ def summarize(samples: list[dict], **meta) -> dict:
 
 def evaluate(model_name: str, records: list[QARecord], *, mode: str, placement, prompts=None,
              implementation: str = "shared_prefix", model=None, tokenizer=None, progress=None,
-             index=None, top_k: int = 3, fmt: str = "raw", batch_tokens: int = DEFAULT_BATCH_TOKENS) -> tuple[dict, list[dict]]:
+             index=None, top_k: int = 3, fmt: str = "raw", batch_tokens: int = DEFAULT_BATCH_TOKENS,
+             reasoning_tokens: int = DEFAULT_REASONING_TOKENS) -> tuple[dict, list[dict]]:
     """Load ``model_name`` (unless ``model``/``tokenizer`` are given) and score ``records``.
 
     Under a multi-process launch each rank scores its :func:`~kembed.distributed.shard` of the
@@ -132,21 +144,23 @@ def evaluate(model_name: str, records: list[QARecord], *, mode: str, placement, 
     advances for this rank's records only.
 
     Args:
-        fmt: scoring format, ``"raw"`` (default, the paper's protocol) or ``"chat"`` (the
-            model's chat template); see :func:`kembed.scoring.build_prompt`.
+        fmt: scoring format, ``"raw"`` (default, the paper's protocol), ``"chat"`` (the
+            model's chat template) or ``"raft"`` (RAFT's instruction; the model writes its
+            reasoning, options scored after ``<ANSWER>:``); see :func:`kembed.scoring.build_prompt`.
         index: for ``retrieved-context``: the :class:`kembed.retrieval.DomainIndex` to search
             (see :func:`kembed.retrieval.build_index`).
         top_k: documents retrieved per question (retrieved-context).
         batch_tokens: the token budget of one scoring batch (see :class:`kembed.scoring.OptionScorer`).
+        reasoning_tokens: ``raft`` format: tokens the model may write before ``<ANSWER>:``.
 
     Returns:
         ``(summary, samples)`` (see ``summarize`` and ``score_records``); the summary records
         ``format``, and ``index`` (its kind) and ``top_k`` in retrieved-context mode, else both
-        are None.
+        are None; in the ``raft`` format also ``reasoning_tokens``.
 
     Raises:
         ValueError: an unknown ``fmt``, ``retrieved-context`` without an index, or ``top_k`` < 1.
-        ModelError: ``fmt="chat"`` and the tokenizer has no chat template.
+        ModelError: ``fmt`` ``chat`` or ``raft`` and the tokenizer has no chat template.
     """
     from kembed import distributed
     from kembed.models import load_model, load_tokenizer
@@ -169,7 +183,7 @@ def evaluate(model_name: str, records: list[QARecord], *, mode: str, placement, 
     split_work = distributed.splits_work(model)
     start = time.perf_counter()
     samples = score_records(scorer, distributed.shard(records) if split_work else records, mode, progress,
-                            retrieved=retrieved)
+                            retrieved=retrieved, reasoning_tokens=reasoning_tokens)
     if split_work:
         samples = distributed.gather(samples, len(records))
     seconds = time.perf_counter() - start
@@ -178,6 +192,8 @@ def evaluate(model_name: str, records: list[QARecord], *, mode: str, placement, 
                         top_k=top_k if retrieved is not None else None,
                         device=placement.device, precision=placement.precision, seconds=round(seconds, 2),
                         questions_per_second=round(len(samples) / seconds, 3) if seconds else None)
+    if fmt == "raft":
+        summary["reasoning_tokens"] = reasoning_tokens
     return summary, samples
 
 

@@ -17,7 +17,16 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from kembed.records import QARecord
 
-FORMATS = ("raw", "chat")  # option-scoring formats: the paper's bare text, or the model's chat template
+#: Option-scoring formats: the paper's bare text, the model's chat template, or RAFT's (the chat
+#: template with RAFT's instruction; the model writes its reasoning and the options are scored
+#: after ``<ANSWER>:``, :mod:`kembed.scoring`).
+FORMATS = ("raw", "chat", "raft")
+
+#: RAFT's markers (Zhang et al. 2024, the gorilla raft/ code): quotes from the documents go between
+#: ``QUOTE_BEGIN`` and ``QUOTE_END``; the final answer follows ``ANSWER_MARK``.
+QUOTE_BEGIN, QUOTE_END, ANSWER_MARK = "##begin_quote##", "##end_quote##", "<ANSWER>:"
+RAFT_INSTRUCTION = (f"Answer using the documents: quote what supports the answer between {QUOTE_BEGIN} and "
+                    f"{QUOTE_END}, then give the final answer after '{ANSWER_MARK}'.")
 
 
 def documents_prompt(question: str, documents: Sequence[str]) -> str:
@@ -26,6 +35,21 @@ def documents_prompt(question: str, documents: Sequence[str]) -> str:
     line, a blank line, then ``Question: <question>``. No documents: ``Question: <question>``."""
     docs = "\n".join(f"<DOCUMENT>{d}</DOCUMENT>" for d in documents)
     return f"{docs}\n\nQuestion: {question}" if docs else f"Question: {question}"
+
+
+def raft_prompt(question: str, documents: Sequence[str]) -> str:
+    """RAFT's user turn, in training and in ``raft``-format scoring: :func:`documents_prompt`,
+    then :data:`RAFT_INSTRUCTION` on its own line."""
+    return f"{documents_prompt(question, documents)}\n{RAFT_INSTRUCTION}"
+
+
+def answer_stem(reasoning: str) -> str:
+    """The model's RAFT-format reasoning up to and including ``<ANSWER>:``, where the options are
+    scored; reasoning that never wrote the marker gets it on a line of its own after it."""
+    cut = reasoning.find(ANSWER_MARK)
+    if cut >= 0:
+        return reasoning[: cut + len(ANSWER_MARK)]
+    return f"{reasoning.rstrip()}\n{ANSWER_MARK}".lstrip()
 
 
 _REFERENCE_SAMPLING = "Answer the following question directly, without explaining your answer.\n"

@@ -10,7 +10,12 @@ Two prompt formats (``FORMATS``; :func:`build_prompt` decides the prompt per for
   and each option is scored as the assistant's reply: the option tokens alone, right after the
   generation prompt (no answer prefix, no end-of-turn). The user turn is
   ``PromptFormat.chat_closed_book`` in closed-book and
-  :func:`kembed.prompts.documents_prompt` (the RAFT / SimRAG layout) with knowledge.
+  :func:`kembed.prompts.documents_prompt` (the RAFT / SimRAG layout) with knowledge;
+- ``raft`` (the format RAFT trains in): the user turn is :func:`kembed.prompts.raft_prompt`
+  (documents, question, RAFT's instruction) through the chat template; the model first writes
+  its reasoning (greedy, :func:`raft_reasoning`), and each option is scored as the continuation
+  of that reasoning after ``<ANSWER>:`` (:func:`kembed.prompts.answer_stem`) with a space
+  before it.
 
 For each option the option tokens are scored after the prompt and the argmax is predicted.
 Three scorers come from the same forward passes:
@@ -37,7 +42,7 @@ import torch
 
 from kembed.errors import ModelError
 from kembed.models import Placement, inference_weights
-from kembed.prompts import FORMATS, PromptFormat, documents_prompt, truncate_knowledge
+from kembed.prompts import FORMATS, PromptFormat, answer_stem, documents_prompt, raft_prompt, truncate_knowledge
 from kembed.records import QARecord
 
 SCORERS = ("token_mean", "sum", "char_norm")
@@ -126,7 +131,7 @@ def chat_user_turn(prompts: PromptFormat, record: QARecord, knowledge: tuple[str
 
 
 def build_prompt(prompts: PromptFormat, record: QARecord, knowledge: tuple[str, ...] | None,
-                 fmt: str = "raw", tokenizer=None) -> ScoringPrompt:
+                 fmt: str = "raw", tokenizer=None, reasoning: str | None = None) -> ScoringPrompt:
     """The one place that decides the option-scoring prompt per (format, mode).
 
     Args:
@@ -137,24 +142,59 @@ def build_prompt(prompts: PromptFormat, record: QARecord, knowledge: tuple[str, 
         fmt: ``"raw"`` (``prompts.scoring_prompt``, scored as ``text + answer_prefix + option``)
             or ``"chat"`` (the user turn of :func:`chat_user_turn` through the tokenizer's chat
             template with the generation prompt; options scored right after it).
-        tokenizer: needed for ``chat`` (its chat template).
+            ``raft``: :func:`kembed.prompts.raft_prompt` through the chat template, then the
+            model's ``reasoning`` up to ``<ANSWER>:``; options scored after a space.
+        tokenizer: needed for ``chat`` and ``raft`` (its chat template).
+        reasoning: ``raft`` only: what the model wrote for this prompt (:func:`raft_reasoning`).
 
     Returns:
         A :class:`ScoringPrompt`.
 
     Raises:
-        ValueError: an unknown ``fmt``, or ``chat`` without a tokenizer.
-        ModelError: ``chat`` with a tokenizer that has no chat template.
+        ValueError: an unknown ``fmt``, ``chat`` or ``raft`` without a tokenizer, or ``raft``
+            without ``reasoning``.
+        ModelError: ``chat`` or ``raft`` with a tokenizer that has no chat template.
     """
     if check_format(fmt) == "raw":
         return ScoringPrompt(prompts.scoring_prompt(record, knowledge), prompts.answer_prefix)
     if tokenizer is None:
-        raise ValueError("the chat scoring format needs the tokenizer (its chat template)")
+        raise ValueError(f"the {fmt} scoring format needs the tokenizer (its chat template)")
     require_chat_template(tokenizer)
-    user = chat_user_turn(prompts, record, knowledge)
-    text = tokenizer.apply_chat_template([{"role": "user", "content": user}], tokenize=False,
+    if fmt == "raft":
+        if reasoning is None:
+            raise ValueError("the raft scoring format scores after the model's reasoning: generate it first "
+                             "(kembed.scoring.raft_reasoning)")
+        return ScoringPrompt(chat_generation_prompt(tokenizer, raft_prompt(record.question, knowledge or ()))
+                             + answer_stem(reasoning), " ")
+    return ScoringPrompt(chat_generation_prompt(tokenizer, chat_user_turn(prompts, record, knowledge)), "")
+
+
+def chat_generation_prompt(tokenizer, user: str) -> str:
+    """``user`` as the one user turn of the tokenizer's chat template, with the generation prompt."""
+    return tokenizer.apply_chat_template([{"role": "user", "content": user}], tokenize=False,
                                          add_generation_prompt=True)
-    return ScoringPrompt(text, "")
+
+
+#: Tokens the model may write before ``<ANSWER>:`` in ``raft``-format scoring (``kembed eval --reasoning-tokens``).
+DEFAULT_REASONING_TOKENS = 128
+
+
+def raft_reasoning(model, tokenizer, placement: Placement, records: list[QARecord],
+                   knowledge: list[tuple[str, ...] | None], max_new_tokens: int = DEFAULT_REASONING_TOKENS,
+                   progress=None) -> list[str]:
+    """What the model writes (greedy, :class:`kembed.generation.LocalGenerator`) for each
+    record's RAFT user turn (:func:`kembed.prompts.raft_prompt` of its question and
+    ``knowledge[i]``, None meaning no documents): the reasoning ``raft``-format scoring scores
+    the options after. ``progress(k)`` advances as k records finish.
+
+    Raises:
+        ModelError: the tokenizer has no chat template.
+    """
+    from kembed.generation import LocalGenerator
+
+    require_chat_template(tokenizer)
+    generator = LocalGenerator(model, tokenizer, placement, max_new_tokens=max_new_tokens, name="raft-reasoning")
+    return generator.generate([raft_prompt(r.question, k or ()) for r, k in zip(records, knowledge)], progress)
 
 
 def encode_options(tokenizer, prompt: str, options: list[str] | tuple[str, ...], answer_prefix: str = " "):
@@ -321,14 +361,15 @@ class OptionScorer:
         implementation: ``"shared_prefix"`` (default: questions batched under a token budget,
             bf16 weights under bf16) or ``"reference"`` (one full sequence per option, one
             question at a time, under the placement's autocast).
-        fmt: ``"raw"`` (default, the paper's protocol) or ``"chat"`` (the model's chat
-            template; see :func:`build_prompt`).
+        fmt: ``"raw"`` (default, the paper's protocol), ``"chat"`` (the model's chat
+            template) or ``"raft"`` (RAFT's instruction, options scored after the model's
+            reasoning); see :func:`build_prompt`.
         batch_tokens: the token budget of one shared-prefix batch (:func:`batch_cost`); a batch
             that still runs out of memory is halved and retried.
 
     Raises:
         ValueError: an unknown implementation or format, or ``batch_tokens`` < 1.
-        ModelError: ``fmt="chat"`` with a tokenizer that has no chat template.
+        ModelError: ``fmt`` ``chat`` or ``raft`` with a tokenizer that has no chat template.
     """
 
     def __init__(self, model, tokenizer, placement: Placement, prompts: PromptFormat | None = None,
@@ -338,7 +379,7 @@ class OptionScorer:
         if batch_tokens < 1:
             raise ValueError(f"batch_tokens must be >= 1, got {batch_tokens}")
         self.fmt = check_format(fmt)
-        if fmt == "chat":
+        if fmt != "raw":
             require_chat_template(tokenizer)
         self.model, self.tokenizer, self.placement = model, tokenizer, placement
         self.prompts = prompts or PromptFormat()
@@ -348,27 +389,32 @@ class OptionScorer:
         """The record's knowledge snippets cut to the prompt format's token budget."""
         return truncate_knowledge(record.knowledge, self.tokenizer, self.prompts.knowledge_max_tokens)
 
-    def prompt(self, record: QARecord, knowledge: tuple[str, ...] | None = None) -> ScoringPrompt:
+    def prompt(self, record: QARecord, knowledge: tuple[str, ...] | None = None,
+               reasoning: str | None = None) -> ScoringPrompt:
         """The scoring prompt of ``record`` in this scorer's format (see :func:`build_prompt`)."""
-        return build_prompt(self.prompts, record, knowledge, self.fmt, self.tokenizer)
+        return build_prompt(self.prompts, record, knowledge, self.fmt, self.tokenizer, reasoning)
 
-    def encode(self, record: QARecord, knowledge: tuple[str, ...] | None) -> tuple[list[int], list[list[int]]]:
+    def encode(self, record: QARecord, knowledge: tuple[str, ...] | None,
+               reasoning: str | None = None) -> tuple[list[int], list[list[int]]]:
         """``(prefix_ids, option_ids)`` of ``record`` with ``knowledge`` (see :func:`encode_options`)."""
-        prompt = self.prompt(record, knowledge)
+        prompt = self.prompt(record, knowledge, reasoning)
         return encode_options(self.tokenizer, prompt.text, record.options, prompt.answer_prefix)
 
-    def score(self, record: QARecord, knowledge: tuple[str, ...] | None = None) -> OptionScores:
+    def score(self, record: QARecord, knowledge: tuple[str, ...] | None = None,
+              reasoning: str | None = None) -> OptionScores:
         """Score every option of ``record``; ``knowledge=None`` is closed-book, otherwise the
-        given snippets or documents go in the prompt (already truncated: see ``knowledge``)."""
-        return self.score_many([record], [knowledge])[0]
+        given snippets or documents go in the prompt (already truncated: see ``knowledge``);
+        ``reasoning``: the ``raft`` format's (see :func:`raft_reasoning`)."""
+        return self.score_many([record], [knowledge], reasoning=None if reasoning is None else [reasoning])[0]
 
     def score_many(self, records: list[QARecord], knowledge: list[tuple[str, ...] | None],
-                   progress=None) -> list[OptionScores]:
+                   progress=None, reasoning: list[str] | None = None) -> list[OptionScores]:
         """Score the options of many records (``knowledge[i]`` goes with ``records[i]``, None
-        for closed-book), in batches of questions sorted by length under the token
-        budget; ``progress(k)`` is called as each k records finish. Returns one
-        :class:`OptionScores` per record, in order."""
-        encoded = [self.encode(r, k) for r, k in zip(records, knowledge)]
+        for closed-book; in ``raft`` format ``reasoning[i]`` too, see :func:`raft_reasoning`),
+        in batches of questions sorted by length under the token budget; ``progress(k)`` is
+        called as each k records finish. Returns one :class:`OptionScores` per record, in order."""
+        encoded = [self.encode(r, k, reasoning[i] if reasoning is not None else None)
+                   for i, (r, k) in enumerate(zip(records, knowledge))]
         sums: list[list[float] | None] = [None] * len(records)
         device = next(self.model.parameters()).device  # this process's device under a launch
         if self.implementation == "reference":  # the straightforward path: autocast over the weights

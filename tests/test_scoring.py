@@ -7,7 +7,8 @@ import torch
 from conftest import make_records
 from kembed.errors import ModelError
 from kembed.models import Placement
-from kembed.prompts import FORMATS, PromptFormat, documents_prompt, truncate_knowledge
+from kembed.prompts import (FORMATS, RAFT_INSTRUCTION, PromptFormat, answer_stem, documents_prompt, raft_prompt,
+                            truncate_knowledge)
 from kembed.scoring import (OptionScorer, OptionScores, batch_cost, build_prompt, encode_options,
                             logprob_sums_reference, run_halving, token_budget_batches)
 
@@ -19,9 +20,10 @@ FP32 = Placement("cpu", "fp32")
 def test_shared_prefix_matches_reference(tiny_model, tiny_tokenizer, with_knowledge, fmt):
     fast = OptionScorer(tiny_model, tiny_tokenizer, FP32, fmt=fmt)
     slow = OptionScorer(tiny_model, tiny_tokenizer, FP32, implementation="reference", fmt=fmt)
+    reasoning = "Because ##begin_quote##it says so##end_quote## <ANSWER>: never read" if fmt == "raft" else None
     for record in make_records(6):
         knowledge = fast.knowledge(record) if with_knowledge else None
-        a, b = fast.score(record, knowledge), slow.score(record, knowledge)
+        a, b = fast.score(record, knowledge, reasoning), slow.score(record, knowledge, reasoning)
         assert a.n_tokens == b.n_tokens
         assert a.logprob_sum == pytest.approx(b.logprob_sum, abs=1e-4)
         for scorer in ("token_mean", "sum", "char_norm"):
@@ -182,15 +184,59 @@ def test_chat_option_is_scored_as_the_assistant_reply(tiny_model, tiny_tokenizer
             assert result.logprob_sum[i] == pytest.approx(expected, abs=1e-4), impl
 
 
+def test_answer_stem():
+    assert answer_stem("Quote ##begin_quote##x##end_quote##. <ANSWER>: Paris, surely") == (
+        "Quote ##begin_quote##x##end_quote##. <ANSWER>:")
+    assert answer_stem("It is Paris.  ") == "It is Paris.\n<ANSWER>:"
+    assert answer_stem("") == "<ANSWER>:"
+
+
+def test_raft_prompt_is_the_training_prompt_then_the_reasoning(tiny_tokenizer):
+    """raft-format scoring asks in the words RAFT trains on and scores each option, after a
+    space, where the model's reasoning wrote <ANSWER>:."""
+    from kembed.methods import raft
+
+    record = make_records(2)[1]
+    docs = tuple(record.knowledge)
+    with pytest.raises(ValueError, match="reasoning"):
+        build_prompt(PromptFormat(), record, docs, "raft", tiny_tokenizer)
+    prompt = build_prompt(PromptFormat(), record, docs, "raft", tiny_tokenizer, reasoning="Look. <ANSWER>: B tail")
+    user = raft.user_prompt(record, list(docs))
+    assert user == raft_prompt(record.question, docs) and user.endswith(RAFT_INSTRUCTION)
+    assert prompt.text == f"<|im_start|>user\n{user}<|im_end|>\n<|im_start|>assistant\nLook. <ANSWER>:"
+    assert prompt.answer_prefix == " "
+
+
+def test_raft_format_scores_after_what_the_model_wrote(tiny_model, tiny_tokenizer):
+    """score_records in the raft format generates each question's reasoning greedily (recorded
+    in the sample) and scores the options after it, as scoring that reasoning directly does."""
+    from kembed.evaluate import score_records
+    from kembed.generation import LocalGenerator
+
+    records = make_records(3)
+    scorer = OptionScorer(tiny_model, tiny_tokenizer, FP32, fmt="raft")
+    calls = []
+    samples = score_records(scorer, records, "oracle-context", progress=calls.append, reasoning_tokens=12)
+    assert sum(calls) == 2 * len(records)  # written, then scored
+    knowledge = [scorer.knowledge(r) for r in records]
+    written = LocalGenerator(tiny_model, tiny_tokenizer, FP32, max_new_tokens=12).generate(
+        [raft_prompt(r.question, k) for r, k in zip(records, knowledge)])
+    for sample, record, k, text in zip(samples, records, knowledge, written):
+        assert sample["reasoning"] == text
+        direct = scorer.score(record, k, text)
+        assert sample["scores"]["sum"] == pytest.approx(direct.scores("sum"), abs=1e-5)
+
+
 def test_format_validation(tiny_model, tiny_tokenizer, monkeypatch):
     with pytest.raises(ValueError, match="unknown scoring format 'bogus'"):
         OptionScorer(tiny_model, tiny_tokenizer, FP32, fmt="bogus")
-    with pytest.raises(ValueError, match="raw, chat"):
+    with pytest.raises(ValueError, match="raw, chat, raft"):
         build_prompt(PromptFormat(), make_records(1)[0], None, "bogus", tiny_tokenizer)
     monkeypatch.setattr(tiny_tokenizer, "chat_template", None)
     OptionScorer(tiny_model, tiny_tokenizer, FP32)  # raw needs no template
-    with pytest.raises(ModelError, match="no chat template"):
-        OptionScorer(tiny_model, tiny_tokenizer, FP32, fmt="chat")
+    for fmt in ("chat", "raft"):
+        with pytest.raises(ModelError, match="no chat template"):
+            OptionScorer(tiny_model, tiny_tokenizer, FP32, fmt=fmt)
 
 
 def test_results_table_shows_the_format():

@@ -25,12 +25,11 @@ from pydantic import Field, model_validator
 
 from kembed.config import Strict
 from kembed.methods.common import chat_answer_ids, fit_lm, save_examples
-from kembed.prompts import cut_tokens, documents_prompt
+from kembed.prompts import ANSWER_MARK as ANSWER, QUOTE_BEGIN as BEGIN, QUOTE_END as END, cut_tokens, raft_prompt
 from kembed.records import QARecord
 
 NAME = "raft"
 DESCRIPTION = "RAFT: oracle + distractor documents in the prompt, quoting chain-of-thought targets"
-BEGIN, END, ANSWER = "##begin_quote##", "##end_quote##", "<ANSWER>:"
 _WORD = re.compile(r"[a-z0-9]+")
 _STOP = set("a an the of in on at to for and or is are was were be by with as from that this which what who "
             "whom when where why how did does do it its his her their they he she following".split())
@@ -148,10 +147,9 @@ def teacher_prompt(record: QARecord, oracle: list[str]) -> str:
 
 
 def user_prompt(record: QARecord, documents: list[str]) -> str:
-    """The training prompt: the documents and the question (``documents_prompt``), then RAFT's
-    instruction line (quote between the markers, final answer after ``<ANSWER>:``)."""
-    return (f"{documents_prompt(record.question, documents)}\nAnswer using the documents: quote what supports "
-            f"the answer between {BEGIN} and {END}, then give the final answer after '{ANSWER}'.")
+    """The training prompt: :func:`kembed.prompts.raft_prompt` (the documents, the question and
+    RAFT's instruction line), the same user turn ``raft``-format scoring uses."""
+    return raft_prompt(record.question, documents)
 
 
 def choose_distractors(record: QARecord, oracle: list[str], k: int, documents: list[str], rng: random.Random,
