@@ -9,9 +9,10 @@ memory, the share of the measured bf16 matrix-multiply peak, and a check that bo
 same thing):
 
 - matrix-multiply peak, fp32 and bf16, at 2048^3 and at the model's own shapes;
-- option scoring closed-book and oracle-context: the shared-prefix scorer (questions batched
-  under a token budget) vs one full sequence per option (the reference scorer), both under the
-  run's precision; lm-evaluation-harness on the same prompts when it is installed (``pip
+- option scoring closed-book and oracle-context: the packed scorer (each prompt once with its
+  options after it under a 4D mask, questions packed into rows, one forward each) and the
+  shared-prefix scorer (kembed's default before it) vs one full sequence per option (the
+  reference scorer), all under the run's precision; lm-evaluation-harness on the same prompts when it is installed (``pip
   install -e .[bench]``), under the same bf16 autocast over fp32 weights, batch size 16;
 - RLAG sampling: :func:`kembed.methods.rlag.sample_pairs` with the two scorers;
 - RLAG, SFT and CPT training steps (one optimizer step of the recipe's batch_size x
@@ -175,14 +176,19 @@ def line(name: str, path: str, *, unit: str, items: int, m: dict, flops: float |
     return row
 
 
-def scoring_tokens(scorer: OptionScorer, records, mode: str, flops: FlopCount, shared: bool) -> float:
-    """Forward FLOPs that scoring ``records`` costs in the shared-prefix or the reference path."""
+def scoring_tokens(scorer: OptionScorer, records, mode: str, flops: FlopCount, implementation: str) -> float:
+    """Forward FLOPs that scoring ``records`` costs in the packed, shared-prefix or reference path
+    (the packed row's attention counted over the pairs its mask allows)."""
     tokens = logits = pairs = 0
     for record in records:
         knowledge = scorer.knowledge(record) if mode == "oracle-context" else None
         prefix, options = scorer.encode(record, knowledge)
         P = len(prefix)
-        if shared:
+        if implementation == "packed":
+            tokens += P + sum(len(o) - 1 for o in options)
+            logits += 1 + sum(len(o) - 1 for o in options)
+            pairs += causal_pairs(P) + sum(causal_pairs(len(o) - 1, P) for o in options)
+        elif implementation == "shared_prefix":
             tokens += P + sum(len(o) for o in options)
             logits += 1 + sum(len(o) for o in options)
             pairs += causal_pairs(P) + sum(causal_pairs(len(o), P) for o in options)
@@ -200,34 +206,38 @@ def compare_samples(a: list[dict], b: list[dict], scorer: str = "token_mean") ->
     return same, diff
 
 
-def fp32_check(model, tokenizer, records, mode: str, prompts=None) -> float:
-    """Largest |sum log-prob| difference between the two scorers, both in fp32, on ``records``."""
+def fp32_check(model, tokenizer, records, mode: str, prompts=None, implementation: str = "packed") -> float:
+    """Largest |sum log-prob| difference between ``implementation`` and the reference scorer,
+    both in fp32, on ``records``."""
     fp32 = Placement(model.device.type, "fp32")
-    fast = score_records(OptionScorer(model, tokenizer, fp32, prompts), records, mode)
+    fast = score_records(OptionScorer(model, tokenizer, fp32, prompts, implementation=implementation), records, mode)
     slow = score_records(OptionScorer(model, tokenizer, fp32, prompts, implementation="reference"), records, mode)
     return compare_samples(fast, slow)[1]
 
 
 def scoring_lines(model, tokenizer, placement, records, mode: str, flops: FlopCount, lmeval: bool) -> list[dict]:
-    """kembed's shared-prefix scorer, the reference scorer and (optionally) lm-eval on ``records``."""
+    """kembed's packed scorer, its shared-prefix scorer (the default before it), the reference
+    scorer and (optionally) lm-eval on ``records``."""
     rows = []
     n = len(records)
     results = {}
-    for impl in ("reference", "shared_prefix"):
+    paths = {"reference": "reference (one sequence per option)", "shared_prefix": "shared prefix (kembed before)",
+             "packed": "kembed"}
+    for impl, path in paths.items():
         scorer = OptionScorer(model, tokenizer, placement, implementation=impl)
         score_records(scorer, records[:2], mode)  # warm-up
         with measured(placement.device) as m:
             results[impl] = score_records(scorer, records, mode)
-        rows.append(line(f"scoring {mode}", "kembed" if impl == "shared_prefix" else "reference (one sequence per option)",
-                         unit="questions", items=n, m=m, flops=scoring_tokens(scorer, records, mode, flops,
-                                                                              impl == "shared_prefix")))
-    reference, kembed = rows
-    kembed["ratio"] = round(kembed["per_second"] / reference["per_second"], 2)
-    same, diff = compare_samples(results["shared_prefix"], results["reference"])
-    strict = fp32_check(model, tokenizer, records[:8], mode)
-    kembed["check"] = (f"same option {same}/{n} ({placement.precision}), max |d sum log-prob| {diff:.3f}; "
-                       f"fp32 on 8: {strict:.1e}")
-    kembed["ok"] = strict <= FP32_TOLERANCE
+        rows.append(line(f"scoring {mode}", path, unit="questions", items=n, m=m,
+                         flops=scoring_tokens(scorer, records, mode, flops, impl)))
+    reference, shared, kembed = rows
+    for impl, row in (("shared_prefix", shared), ("packed", kembed)):
+        row["ratio"] = round(row["per_second"] / reference["per_second"], 2)
+        same, diff = compare_samples(results[impl], results["reference"])
+        strict = fp32_check(model, tokenizer, records[:8], mode, implementation=impl)
+        row["check"] = (f"same option {same}/{n} ({placement.precision}), max |d sum log-prob| {diff:.3f}; "
+                        f"fp32 on 8: {strict:.1e}")
+        row["ok"] = strict <= FP32_TOLERANCE
     if lmeval:
         import lmeval_peer
 
@@ -245,10 +255,10 @@ def scoring_lines(model, tokenizer, placement, records, mode: str, flops: FlopCo
         del peer_model
         per_q = [[v for v, o in zip(values, owner) if o == i] for i in range(n)]
         same = sum(max(range(len(v)), key=v.__getitem__) == s["predicted"]["sum"]
-                   for v, s in zip(per_q, results["shared_prefix"]))
+                   for v, s in zip(per_q, results["packed"]))
         peer = line(f"scoring {mode}", f"lm-evaluation-harness 0.4.13 (batch 16, {placement.precision} weights)",
                     unit="questions", items=n, m=m,
-                    flops=scoring_tokens(scorer, records, mode, flops, False),
+                    flops=scoring_tokens(scorer, records, mode, flops, "reference"),
                     check=f"same option (sum, acc) {same}/{n}")
         kembed["vs_lm_eval"] = round(kembed["per_second"] / peer["per_second"], 2)
         rows.append(peer)
@@ -259,18 +269,18 @@ def sampling_lines(model, tokenizer, placement, records, cfg, prompts) -> list[d
     """RLAG sampling (both prompts of every record) with the two scorers."""
     out = {}
     rows = []
-    for impl in ("reference", "shared_prefix"):
+    for impl in ("reference", "packed"):
         scorer = OptionScorer(model, tokenizer, placement, prompts, implementation=impl)
         rlag.sample_pairs(scorer, records[:1], cfg)  # warm-up
         with measured(placement.device) as m:
             out[impl] = rlag.sample_pairs(scorer, records, cfg)[0]
-        rows.append(line("RLAG sampling", "kembed" if impl == "shared_prefix" else "reference (one sequence per option)",
+        rows.append(line("RLAG sampling", "kembed" if impl == "packed" else "reference (one sequence per option)",
                          unit="records", items=len(records), m=m, reference=rows[0] if rows else None))
     same = sum((a["chosen_index"], a["rejected_index"]) == (b["chosen_index"], b["rejected_index"])
-               for a, b in zip(out["shared_prefix"], out["reference"]))
+               for a, b in zip(out["packed"], out["reference"]))
     rows[1]["check"] = f"same chosen/rejected pair {same}/{len(records)} ({placement.precision})"
     rows[1]["ok"] = same >= 0.9 * len(records)
-    return rows, out["shared_prefix"]
+    return rows, out["packed"]
 
 
 def real_tokens(batch: dict) -> int:
@@ -395,7 +405,8 @@ def load_lines(placement: Placement) -> list[dict]:
 
 
 def shared_prefix_seconds(model, scorer: OptionScorer, records, mode: str, context) -> tuple[float, list]:
-    """Seconds of the shared-prefix scorer's forward passes over ``records`` with ``model`` run
+    """Seconds of the shared-prefix scorer's forward passes (the lever is measured on the path it
+    was chosen for) over ``records`` with ``model`` run
     in ``context``, and the per-question option sums (for a lever that bypasses the scorer's
     choice of weights)."""
     encoded = [scorer.encode(r, scorer.knowledge(r) if mode == "oracle-context" else None) for r in records]
@@ -429,7 +440,7 @@ def lever_lines(model, tokenizer, placement, test, sft_batches, rlag_batches, rl
             with measured(placement.device) as m:
                 score_records(scorer, subset, mode)
             ms.append(m)
-        rows += pair(f"lever: batch questions ({mode})", "one question per batch", "kembed (token budget)", *ms,
+        rows += pair(f"lever: batch questions ({mode})", "one question per row", "kembed (rows under the token budget)", *ms,
                      "questions", len(subset))
     # 2. a bf16 copy of the weights for inference vs bf16 autocast over the fp32 weights
     if placement.precision == "bf16":

@@ -98,9 +98,11 @@ def evaluate(domain: str = typer.Option(..., help="Domain to evaluate on."),
                                                              "after <ANSWER>:)."),
              reasoning_tokens: int = typer.Option(128, "--reasoning-tokens", min=1,  # scoring.DEFAULT_REASONING_TOKENS
                                                   help="--format raft: tokens the model may write before <ANSWER>:."),
-             scorer: str = typer.Option("shared_prefix", help="Scorer implementation: shared_prefix or reference."),
-             batch_tokens: int = typer.Option(4096, "--batch-tokens", min=1,  # kembed.scoring.DEFAULT_BATCH_TOKENS
-                                              help="Token budget of one scoring batch (halved and retried on out-of-memory)."),
+             scorer: str = typer.Option("packed", help="Scorer implementation: packed, shared_prefix or reference."),
+             batch_tokens: Optional[int] = typer.Option(None, "--batch-tokens", min=1,
+                                                        help="Token budget of one scoring forward pass (default: 512 "
+                                                             "packed, 4096 shared_prefix; halved and retried on "
+                                                             "out-of-memory)."),
              device: str = typer.Option("auto", help="auto, cpu or cuda."),
              precision: str = typer.Option("auto", help="auto, bf16 or fp32."),
              overwrite: bool = typer.Option(False, help="Replace results already in --output."),

@@ -29,7 +29,7 @@ import torch
 
 from kembed.prompts import truncate_knowledge
 from kembed.records import QARecord
-from kembed.scoring import DEFAULT_BATCH_TOKENS, DEFAULT_REASONING_TOKENS, SCORERS, OptionScorer, raft_reasoning
+from kembed.scoring import DEFAULT_REASONING_TOKENS, SCORERS, OptionScorer, raft_reasoning
 from kembed.stats import bootstrap_ci
 from kembed.tables import ConsoleTables, markdown_table
 
@@ -134,8 +134,8 @@ def summarize(samples: list[dict], **meta) -> dict:
 
 
 def evaluate(model_name: str, records: list[QARecord], *, mode: str, placement, prompts=None,
-             implementation: str = "shared_prefix", model=None, tokenizer=None, progress=None,
-             index=None, top_k: int = 3, fmt: str = "raw", batch_tokens: int = DEFAULT_BATCH_TOKENS,
+             implementation: str = "packed", model=None, tokenizer=None, progress=None,
+             index=None, top_k: int = 3, fmt: str = "raw", batch_tokens: int | None = None,
              reasoning_tokens: int = DEFAULT_REASONING_TOKENS) -> tuple[dict, list[dict]]:
     """Load ``model_name`` (unless ``model``/``tokenizer`` are given) and score ``records``.
 
@@ -150,7 +150,8 @@ def evaluate(model_name: str, records: list[QARecord], *, mode: str, placement, 
         index: for ``retrieved-context``: the :class:`kembed.retrieval.DomainIndex` to search
             (see :func:`kembed.retrieval.build_index`).
         top_k: documents retrieved per question (retrieved-context).
-        batch_tokens: the token budget of one scoring batch (see :class:`kembed.scoring.OptionScorer`).
+        batch_tokens: the token budget of one scoring forward pass (None: the implementation's
+            default; see :class:`kembed.scoring.OptionScorer`).
         reasoning_tokens: ``raft`` format: tokens the model may write before ``<ANSWER>:``.
 
     Returns:

@@ -25,12 +25,14 @@ Three scorers come from the same forward passes:
 - ``char_norm``: summed log-prob divided by the option's length in characters (lm-eval
   ``acc_norm``).
 
-Two implementations give the same numbers, in both formats: ``shared_prefix`` runs the prompt
-once, keeps its keys and values, and scores all options in one batched forward on top of them,
-several questions at a time (sorted by length, under a token budget, halved and retried
-when a batch runs out of memory); ``reference`` runs one full sequence per option and is the
-correctness reference in the tests and in ``make perf``.
-Both consume the same prompt and option token ids (:func:`encode_options`).
+Three implementations give the same numbers, in every format: ``packed`` (the default) runs
+each prompt once with its options after it in one row under a 4D attention mask, several
+questions per row without padding, one forward pass per row (:func:`logprob_sums_packed`);
+``shared_prefix`` runs the prompts once, keeps their keys and values, and scores all options in a
+second batched forward on top of them; both group questions by length under a token budget and
+halve and retry a group that runs out of memory. ``reference`` runs one full sequence per option
+and is the correctness reference in the tests and in ``make perf``.
+All consume the same prompt and option token ids (:func:`encode_options`).
 """
 
 from __future__ import annotations
@@ -46,7 +48,7 @@ from kembed.prompts import FORMATS, PromptFormat, answer_stem, documents_prompt,
 from kembed.records import QARecord
 
 SCORERS = ("token_mean", "sum", "char_norm")
-IMPLEMENTATIONS = ("shared_prefix", "reference")
+IMPLEMENTATIONS = ("packed", "shared_prefix", "reference")
 
 
 @dataclass
@@ -291,6 +293,91 @@ def logprob_sums_shared_prefix(model, questions: list[tuple[list[int], list[list
     return result
 
 
+def packed_length(question: tuple[list[int], list[list[int]]]) -> int:
+    """Tokens one question takes in a packed row (:func:`logprob_sums_packed`): its prompt, then
+    each option but its last token (no position predicts from an option's last token)."""
+    prefix, options = question
+    return len(prefix) + sum(len(o) - 1 for o in options)
+
+
+@torch.no_grad()
+def logprob_sums_packed(model, questions: list[tuple[list[int], list[list[int]]]], device) -> list[list[float]]:
+    """Summed option log-probs of several questions in one forward pass over one packed row.
+
+    The row holds, for each question in turn, its prompt once and then each option's tokens but
+    the last, with no padding and no copy of the prompt's keys and values. A 4D attention mask
+    ``[1, 1, S, S]`` lets a prompt token attend to the earlier tokens of its own prompt, and an
+    option token to its question's prompt and to the earlier tokens of its own option; position
+    ids restart after the prompt for every option. Only the positions that predict an option
+    token go through the LM head (``logits_to_keep`` as an index tensor): the prompt's last
+    position (each option's first token) and every kept option token (the next one).
+
+    Args:
+        questions: ``(prefix_ids, option_ids)`` of each question (see :func:`encode_options`);
+            every option has at least one token.
+        device: where the row runs.
+
+    Returns:
+        Per question, one float per option: ``sum_t log p(o_t | prompt, o_<t)`` in nats, equal
+        (up to float error) to :func:`logprob_sums_reference`.
+    """
+    ids, positions, question_of, option_of = [], [], [], []  # per row token
+    predictor, target, owner = [], [], []  # per scored option token: the row position predicting it
+    n_options = 0
+    for q, (prefix, options) in enumerate(questions):
+        last = len(ids) + len(prefix) - 1
+        ids += prefix
+        positions += range(len(prefix))
+        question_of += [q] * len(prefix)
+        option_of += [0] * len(prefix)
+        for k, option in enumerate(options, 1):
+            start = len(ids)
+            ids += option[:-1]
+            positions += range(len(prefix), len(prefix) + len(option) - 1)
+            question_of += [q] * (len(option) - 1)
+            option_of += [k] * (len(option) - 1)
+            predictor += [last, *range(start, start + len(option) - 1)]
+            target += option
+            owner += [n_options] * len(option)
+            n_options += 1
+    question_ids = torch.tensor(question_of, device=device)  # [S]
+    option_ids = torch.tensor(option_of, device=device)  # [S]
+    index = torch.arange(len(ids), device=device)  # [S]
+    allowed = ((question_ids[:, None] == question_ids[None, :]) & (index[None, :] <= index[:, None])
+               & ((option_ids[None, :] == 0) | (option_ids[None, :] == option_ids[:, None])))  # [S, S]: query, key
+    mask = allowed[None, None]  # [1, 1, S, S]: True = attend (SDPA's boolean mask)
+    if getattr(model.config, "_attn_implementation", "sdpa") == "eager":  # eager adds the mask to the scores
+        dtype = next(model.parameters()).dtype
+        mask = torch.zeros(mask.shape, dtype=dtype, device=device).masked_fill(~mask, torch.finfo(dtype).min)
+    keep, row_of = torch.unique(torch.tensor(predictor, device=device), return_inverse=True)  # [K], [T]
+    logits = model(input_ids=torch.tensor([ids], device=device), attention_mask=mask,
+                   position_ids=torch.tensor([positions], device=device), use_cache=False,
+                   logits_to_keep=keep).logits[0].float()  # [K, v]
+    token_lp = logits[row_of, torch.tensor(target, device=device)] - logits.logsumexp(-1)[row_of]  # [T]
+    sums = torch.zeros(n_options, device=device).index_add_(0, torch.tensor(owner, device=device), token_lp).tolist()
+    result, k = [], 0
+    for _, options in questions:
+        result.append(sums[k:k + len(options)])
+        k += len(options)
+    return result
+
+
+def packed_rows(questions: list[tuple[list[int], list[list[int]]]], row_tokens: int) -> list[list[int]]:
+    """Group question indices into packed rows of at most ``row_tokens`` tokens
+    (:func:`packed_length`; a longer question gets a row of its own), in order of length so that
+    a row's questions are alike."""
+    order = sorted(range(len(questions)), key=lambda i: packed_length(questions[i]))
+    rows, current, used = [], [], 0
+    for i in order:
+        n = packed_length(questions[i])
+        if current and used + n > row_tokens:
+            rows.append(current)
+            current, used = [], 0
+        current.append(i)
+        used += n
+    return rows + [current] if current else rows
+
+
 def batch_cost(questions: list[tuple[list[int], list[list[int]]]]) -> int:
     """Tokens a :func:`logprob_sums_shared_prefix` batch holds: the padded prompt batch plus,
     per option, its padded option tokens and its copy of the cached prompt. Activations, the
@@ -345,8 +432,11 @@ def run_halving(fn, items: list, on_done=None) -> list:
     return result
 
 
-#: Default token budget of one scoring batch (:func:`batch_cost`); ``kembed eval --batch-tokens``.
-DEFAULT_BATCH_TOKENS = 4096
+#: Default token budget of one scoring forward pass per implementation (``kembed eval
+#: --batch-tokens``): a packed row's length (:func:`packed_length`; attention in a row grows with
+#: its square, and closed-book scoring measured fastest at 512 of 512 / 1024 / 2048), or a
+#: shared-prefix batch's :func:`batch_cost`.
+DEFAULT_BATCH_TOKENS = {"packed": 512, "shared_prefix": 4096, "reference": 1}
 
 
 class OptionScorer:
@@ -358,14 +448,17 @@ class OptionScorer:
         placement: device and precision (under bf16, scored on a bf16 copy of the weights:
             :func:`kembed.models.inference_weights`).
         prompts: the prompt templates and knowledge budget.
-        implementation: ``"shared_prefix"`` (default: questions batched under a token budget,
-            bf16 weights under bf16) or ``"reference"`` (one full sequence per option, one
+        implementation: ``"packed"`` (default: questions packed into rows, one forward each),
+            ``"shared_prefix"`` (prompts, then options over their cached keys and values; both
+            with bf16 weights under bf16) or ``"reference"`` (one full sequence per option, one
             question at a time, under the placement's autocast).
         fmt: ``"raw"`` (default, the paper's protocol), ``"chat"`` (the model's chat
             template) or ``"raft"`` (RAFT's instruction, options scored after the model's
             reasoning); see :func:`build_prompt`.
-        batch_tokens: the token budget of one shared-prefix batch (:func:`batch_cost`); a batch
-            that still runs out of memory is halved and retried.
+        batch_tokens: the token budget of one forward pass: a packed row's length
+            (:func:`packed_length`) or a shared-prefix batch's :func:`batch_cost`; None: the
+            implementation's :data:`DEFAULT_BATCH_TOKENS`. A batch that runs out of memory is
+            halved and retried.
 
     Raises:
         ValueError: an unknown implementation or format, or ``batch_tokens`` < 1.
@@ -373,9 +466,10 @@ class OptionScorer:
     """
 
     def __init__(self, model, tokenizer, placement: Placement, prompts: PromptFormat | None = None,
-                 implementation: str = "shared_prefix", fmt: str = "raw", batch_tokens: int = DEFAULT_BATCH_TOKENS):
+                 implementation: str = "packed", fmt: str = "raw", batch_tokens: int | None = None):
         if implementation not in IMPLEMENTATIONS:
             raise ValueError(f"unknown scorer implementation '{implementation}' ({', '.join(IMPLEMENTATIONS)})")
+        batch_tokens = DEFAULT_BATCH_TOKENS[implementation] if batch_tokens is None else batch_tokens
         if batch_tokens < 1:
             raise ValueError(f"batch_tokens must be >= 1, got {batch_tokens}")
         self.fmt = check_format(fmt)
@@ -420,7 +514,8 @@ class OptionScorer:
         if self.implementation == "reference":  # the straightforward path: autocast over the weights
             batches, (model, context) = [[i] for i in range(len(records))], (self.model, self.placement.autocast())
         else:
-            batches = token_budget_batches(encoded, self.batch_tokens)
+            batches = (packed_rows(encoded, self.batch_tokens) if self.implementation == "packed"
+                       else token_budget_batches(encoded, self.batch_tokens))
             model, context = inference_weights(self.model, self.placement)
         was_training = model.training
         model.eval()
@@ -428,7 +523,8 @@ class OptionScorer:
         def run(indices: list[int]) -> list[list[float]]:
             if self.implementation == "reference":
                 return [logprob_sums_reference(model, *encoded[i], device) for i in indices]
-            return logprob_sums_shared_prefix(model, [encoded[i] for i in indices], device)
+            scorer = logprob_sums_packed if self.implementation == "packed" else logprob_sums_shared_prefix
+            return scorer(model, [encoded[i] for i in indices], device)
 
         try:
             with context:

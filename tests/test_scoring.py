@@ -10,15 +10,17 @@ from kembed.models import Placement
 from kembed.prompts import (FORMATS, RAFT_INSTRUCTION, PromptFormat, answer_stem, documents_prompt, raft_prompt,
                             truncate_knowledge)
 from kembed.scoring import (OptionScorer, OptionScores, batch_cost, build_prompt, encode_options,
-                            logprob_sums_reference, run_halving, token_budget_batches)
+                            logprob_sums_packed, logprob_sums_reference, packed_length, packed_rows, run_halving,
+                            token_budget_batches)
 
 FP32 = Placement("cpu", "fp32")
 
 
+@pytest.mark.parametrize("implementation", ["packed", "shared_prefix"])
 @pytest.mark.parametrize("fmt", FORMATS)
 @pytest.mark.parametrize("with_knowledge", [False, True])
-def test_shared_prefix_matches_reference(tiny_model, tiny_tokenizer, with_knowledge, fmt):
-    fast = OptionScorer(tiny_model, tiny_tokenizer, FP32, fmt=fmt)
+def test_fast_scorers_match_reference(tiny_model, tiny_tokenizer, with_knowledge, fmt, implementation):
+    fast = OptionScorer(tiny_model, tiny_tokenizer, FP32, implementation=implementation, fmt=fmt)
     slow = OptionScorer(tiny_model, tiny_tokenizer, FP32, implementation="reference", fmt=fmt)
     reasoning = "Because ##begin_quote##it says so##end_quote## <ANSWER>: never read" if fmt == "raft" else None
     for record in make_records(6):
@@ -30,16 +32,20 @@ def test_shared_prefix_matches_reference(tiny_model, tiny_tokenizer, with_knowle
             assert a.predict(scorer) == b.predict(scorer)
 
 
+@pytest.mark.parametrize("implementation", ["packed", "shared_prefix"])
 @pytest.mark.parametrize("batch_tokens", [1, 300, 100_000])
-def test_batches_across_questions_match_reference(tiny_model, tiny_tokenizer, batch_tokens):
+def test_batches_across_questions_match_reference(tiny_model, tiny_tokenizer, batch_tokens, implementation):
     """Questions of different prompt lengths and option counts, batched under any budget (one
     question per batch, a few, all at once), score as the reference does, in input order."""
     records = make_records(6)
     records[2] = dataclasses.replace(records[2], options=records[2].options[:2], labels=records[2].labels[:2],
                                      answer_index=0)
-    fast = OptionScorer(tiny_model, tiny_tokenizer, FP32, batch_tokens=batch_tokens)
+    fast = OptionScorer(tiny_model, tiny_tokenizer, FP32, implementation=implementation, batch_tokens=batch_tokens)
     slow = OptionScorer(tiny_model, tiny_tokenizer, FP32, implementation="reference")
     knowledge = [fast.knowledge(r) if i % 2 else None for i, r in enumerate(records)]  # mixed prompt lengths
+    if implementation == "packed":  # the budget decides how many questions share a row
+        rows = packed_rows([fast.encode(r, k) for r, k in zip(records, knowledge)], batch_tokens)
+        assert len(rows) == {1: 6, 100_000: 1}.get(batch_tokens, len(rows))
     done = []
     batched = fast.score_many(records, knowledge, progress=done.append)
     assert sum(done) == len(records)
@@ -47,6 +53,29 @@ def test_batches_across_questions_match_reference(tiny_model, tiny_tokenizer, ba
         b = slow.score(record, k)
         assert a.n_tokens == b.n_tokens
         assert a.logprob_sum == pytest.approx(b.logprob_sum, abs=1e-4)
+
+
+def test_packed_rows_fill_up_to_the_budget():
+    questions = [([0] * n, [[1, 2], [3]]) for n in (5, 1, 3, 8)]  # packed lengths 6, 2, 4, 9
+    assert packed_rows(questions, 10) == [[1, 2], [0], [3]]  # by length: 2 + 4, then 6 (+ 9 > 10), then 9
+    assert packed_rows(questions, 4) == [[1], [2], [0], [3]]  # too long for the budget: a row of its own
+    assert packed_rows(questions, 100) == [[1, 2, 0, 3]]
+
+
+def test_packed_row_under_eager_attention(tiny_tokenizer):
+    """The packed row's mask works as an additive mask too (eager attention), and the row holds
+    each prompt once and each option but its last token."""
+    from conftest import build_tiny_model
+
+    model = build_tiny_model(tiny_tokenizer)
+    model.config._attn_implementation = "eager"
+    scorer = OptionScorer(model, tiny_tokenizer, FP32, implementation="reference")
+    records = make_records(3)
+    questions = [scorer.encode(r, scorer.knowledge(r)) for r in records]
+    assert packed_length(questions[0]) == len(questions[0][0]) + sum(len(o) - 1 for o in questions[0][1])
+    packed = logprob_sums_packed(model, questions, "cpu")
+    for question, sums in zip(questions, packed):
+        assert sums == pytest.approx(logprob_sums_reference(model, *question, "cpu"), abs=1e-4)
 
 
 def test_bf16_scores_on_a_bf16_copy_of_the_weights(tiny_model, tiny_tokenizer):
