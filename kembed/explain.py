@@ -6,8 +6,8 @@ where only correctly answered questions are explained and judged).
 ``samples.jsonl`` an ``explanation`` ``{"prompt", "text"}`` on every sample whose ``token_mean``
 prediction is correct, and to its ``results.json`` an ``explanations`` record (generator model,
 decoding settings, prompt version, count, seconds). Generation is greedy, through the model's
-chat template, in batches sorted by prompt length; it is resumable (samples that already hold an
-explanation are kept, and progress is saved after every batch). Judging is separate
+chat template, sorted by prompt length; it is resumable (samples that already hold an
+explanation are kept, and progress is saved every ``SAVE_EVERY x batch_size`` prompts). Judging is separate
 (:mod:`kembed.judges`, ``kembed judge``).
 """
 
@@ -89,6 +89,10 @@ def evaluation_records(summary: dict, data_dir=None) -> dict[str, QARecord]:
     return {r.id: r for r in records}
 
 
+#: Explanations are saved every ``SAVE_EVERY x batch_size`` prompts (one generator call each).
+SAVE_EVERY = 8
+
+
 def explain_evaluation(folder: Path, *, max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS, batch_size: int = 8,
                        device: str = "auto", precision: str = "auto", data_dir=None, progress=None) -> dict:
     """Generate the missing explanations of an evaluation directory, in place.
@@ -96,9 +100,10 @@ def explain_evaluation(folder: Path, *, max_new_tokens: int = DEFAULT_MAX_NEW_TO
     Args:
         folder: a ``kembed eval`` output directory.
         max_new_tokens: generation budget per explanation (tokens).
-        batch_size: prompts per ``generate`` call (left-padded, sorted by prompt length).
+        batch_size: prompts generated at once (:class:`kembed.generation.LocalGenerator`).
         progress: optional callable ``(total, advance_by)``: called once with the number of
-            explanations to write as ``progress(total, 0)``, then ``progress(None, n)`` per batch.
+            explanations to write as ``progress(total, 0)``, then ``progress(None, n)`` as each
+            ``SAVE_EVERY x batch_size`` are written and saved.
 
     Returns:
         The ``explanations`` record written into ``results.json``.
@@ -136,8 +141,9 @@ def explain_evaluation(folder: Path, *, max_new_tokens: int = DEFAULT_MAX_NEW_TO
         tokenizer = load_tokenizer(summary["model"])
         model = load_model(summary["model"], placement)
         generator = LocalGenerator(model, tokenizer, placement, max_new_tokens=max_new_tokens, batch_size=batch_size)
-        for i in range(0, len(todo), batch_size):
-            batch = todo[i:i + batch_size]
+        chunk = SAVE_EVERY * batch_size  # prompts per call: rows that end early make room for the next ones
+        for i in range(0, len(todo), chunk):
+            batch = todo[i:i + chunk]
             start = time.perf_counter()
             texts = generator.generate([prompts[s["id"]] for s in batch])
             seconds += time.perf_counter() - start
