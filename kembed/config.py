@@ -39,6 +39,8 @@ class TrainConfig(Strict):
 
     ``batch_size`` is the global micro-batch of one step: under N processes each trains
     ``batch_size / N`` examples (it must divide); an optimiser step sees ``batch_size * grad_accum``.
+    ``weights`` and ``compile`` are speed options (docs/performance.md); their checks against the
+    placement are :func:`kembed.trainer.check_train_options`.
     """
 
     learning_rate: float = Field(1e-5, gt=0)
@@ -51,6 +53,11 @@ class TrainConfig(Strict):
     adam_beta2: float = Field(0.999, ge=0, lt=1)
     adam_epsilon: float = Field(1e-8, gt=0)
     checkpoints: bool = True  # keep a resumable checkpoint after every epoch (weights + optimiser)
+    # the dtype of the weights being trained: fp32 (under a bf16 placement, bf16 autocast over fp32
+    # weights) or bf16 (pure bf16, as the RLAG authors train: no autocast, torch-optimi's AdamW with
+    # Kahan summation; needs a bf16 placement; the saved model is bf16). See kembed.trainer.fit.
+    weights: Literal["fp32", "bf16"] = "fp32"
+    compile: bool = False  # torch.compile (inductor) the model for training; the first steps compile
     lora: LoraSettings | None = None
 
 

@@ -227,6 +227,7 @@ def train(method: str, *, recipe: str | None = None, overrides: list[str] = (), 
     from kembed.data import AUTO_VALIDATION, VALIDATION_SPLIT, held_out_splits, knowledge_coverage, load_records, training_sample
     from kembed.methods import get_method
     from kembed.models import choose_placement, load_model, load_tokenizer
+    from kembed.trainer import check_train_options
     from kembed.trainer import per_device_batch_size
 
     console = console or Console()
@@ -268,12 +269,13 @@ def train(method: str, *, recipe: str | None = None, overrides: list[str] = (), 
     if run_cfg.eval.split and not dev:
         why = "validation = 0" if run_cfg.eval.split == VALIDATION_SPLIT else "no such split"
         console.print(f"[yellow]{run_cfg.domain}: no '{run_cfg.eval.split}' records ({why}): no accuracy during training[/]")
+    placement = choose_placement(run_cfg.device, run_cfg.precision)
+    check_train_options(run_cfg.train, placement)  # before the run directory exists
     if not resume:
         run = Run.create(distributed.from_main(Path(output) if output else default_output(run_cfg)), resolved)
         if distributed.is_main():
             write_json(run.path / "data_sample.json", sample.to_dict())
         run.log("coverage", **{split: knowledge_coverage(records, qs) for split, qs in held_out.items()})
-    placement = choose_placement(run_cfg.device, run_cfg.precision)
     set_seed(run_cfg.seed)
     resuming = resume and run.state.get("iterations_done", 0) > 0
     model_source = str(run.path) if resuming else run_cfg.init_from or run_cfg.model

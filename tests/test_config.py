@@ -101,10 +101,27 @@ def test_bounds_that_matter():
     assert not allowed(rlag["chunk_fraction"], 0) and allowed(rlag["chunk_fraction"], 1)
 
 
+def test_train_weights_takes_fp32_or_bf16():
+    data = {"method": "sft", "train": {"weights": "bf16", "compile": True}}
+    run, _ = resolve_config(data, get_method("sft").Config, "r.yaml")
+    assert run.train.weights == "bf16" and run.train.compile is True
+    assert RunConfig(method="sft").train.weights == "fp32" and not RunConfig(method="sft").train.compile  # options, off
+    with pytest.raises(ConfigError, match=r"^r.yaml: train.weights: Input should be 'fp32' or 'bf16' \(got 'fp16'\)$"):
+        resolve_config({"method": "sft", "train": {"weights": "fp16"}}, get_method("sft").Config, "r.yaml")
+
+
 def test_a_bad_value_on_the_command_line_is_one_line(data_dir, tmp_path):
     result = CliRunner().invoke(app, ["train", "sft", "train.batch_size=0", "--output", str(tmp_path / "run")],
                                 catch_exceptions=False)
     assert result.exit_code == 2
     assert result.output.strip().count("\n") == 0 and "Traceback" not in result.output
     assert "train.batch_size" in result.output and "greater than or equal to 1" in result.output
+    assert not (tmp_path / "run").exists()
+
+
+def test_bf16_weights_under_fp32_fail_before_the_run_exists(data_dir, tmp_path):
+    result = CliRunner().invoke(app, ["train", "sft", "train.weights=bf16", "precision=fp32",
+                                      "--output", str(tmp_path / "run")], catch_exceptions=False)
+    assert result.exit_code == 2
+    assert result.output.strip().count("\n") == 0 and "train.weights = bf16" in result.output
     assert not (tmp_path / "run").exists()
