@@ -15,9 +15,13 @@ same thing):
   reference scorer), all under the run's precision; lm-evaluation-harness on the same prompts when it is installed (``pip
   install -e .[bench]``), under the same bf16 autocast over fp32 weights, batch size 16;
 - RLAG sampling: :func:`kembed.methods.rlag.sample_pairs` with the two scorers;
+- greedy generation of explanation prompts: kembed's loop vs transformers' ``generate``, under
+  the run's precision and fp32 (where the tokens must be identical);
 - RLAG, SFT and CPT training steps (one optimizer step of the recipe's batch_size x
   grad_accum examples, AdamW, gradient clipping): kembed's loss (bf16 autocast, logits only
-  where a loss looks) vs the fp32 reference with full logits on the same padded batches;
+  where a loss looks) vs the fp32 reference with full logits on the same padded batches, and
+  under bf16 the ``train.weights: bf16`` option (bf16 weights, no autocast, optimi's
+  Kahan-summed AdamW);
 - model load: the cached safetensors vs de-quantizing the GGUF file;
 - levers: each speed lever switched off against the kembed default.
 
@@ -47,6 +51,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # lmeval_peer beside this file
 
+from kembed.config import TrainConfig  # noqa: E402
 from kembed.data import load_records, training_sample  # noqa: E402
 from kembed.evaluate import score_records  # noqa: E402
 from kembed.methods import cpt, rlag, sft  # noqa: E402
@@ -54,6 +59,7 @@ from kembed.methods.common import lm_loss, lm_loss_reference, make_lm_collate  #
 from kembed.models import DEFAULT_MODEL, Placement, choose_placement, load_model, load_tokenizer  # noqa: E402
 from kembed.scoring import OptionScorer, logprob_sums_shared_prefix, token_budget_batches  # noqa: E402
 from kembed.train import prepare_config  # noqa: E402
+from kembed.trainer import cast_for_training, make_optimizer  # noqa: E402
 
 BF16_TOLERANCE = 0.05  # relative loss difference accepted between bf16 autocast and fp32
 FP32_TOLERANCE = 1e-4  # absolute log-prob / loss difference accepted when both run in fp32
@@ -283,6 +289,28 @@ def sampling_lines(model, tokenizer, placement, records, cfg, prompts) -> list[d
     return rows, out["packed"]
 
 
+def generation_perf_lines(model, tokenizer, placement, records, max_new_tokens: int = 96) -> list[dict]:
+    """Greedy generation of explanation prompts (:func:`kembed.explain.explanation_prompt`) by
+    kembed's loop and by transformers' ``generate`` (benchmarks/generation_speed.py), under the
+    run's precision and under fp32, where the tokens must be identical."""
+    from generation_speed import generation_lines
+
+    from kembed.explain import explanation_prompt
+
+    prompts = [explanation_prompt(r, r.answer_index) for r in records]
+    rows = []
+    for precision in dict.fromkeys([placement.precision, "fp32"]):
+        where = Placement(placement.device, precision)
+        peer, kembed = generation_lines(model, tokenizer, where, prompts, max_new_tokens)
+        for g in (peer, kembed):
+            path = "kembed" if g is kembed else "transformers generate (batches of 8 in input order)"
+            rows.append(line(f"generation {precision}", path, unit="tokens", items=g["tokens"],
+                             m={"seconds": g["seconds"]}, reference=rows[-1] if g is kembed else None,
+                             check="" if g is peer else f"{len(prompts)} prompts, tokens identical: {g['identical']}",
+                             ok=g["identical"] if g is kembed and precision == "fp32" else None))
+    return rows
+
+
 def real_tokens(batch: dict) -> int:
     """Real (not padding) tokens an LM batch, or an RLAG batch's three groups, run through the model
     (RLAG's chosen and rejected rows only for examples whose answer terms are computed)."""
@@ -327,12 +355,13 @@ def rlag_step_flops(batches: list[dict], flops: FlopCount, full_logits: bool) ->
 
 
 def train_steps(model, batches: list[dict], loss_fn, placement: Placement, grad_accum: int,
-                fused: bool = True) -> tuple[list[float], dict]:
+                fused: bool = True, optimizer=None) -> tuple[list[float], dict]:
     """Optimizer steps over ``batches`` (``grad_accum`` micro-batches each): AdamW (fused, as
-    the trainer backend's ``adamw_torch_fused``, or for-each), clipping at 1.0. Returns the
-    micro-batch losses and the measurement of all steps but the first (a warm-up)."""
+    the trainer backend's ``adamw_torch_fused``, or for-each; or ``optimizer``), clipping at
+    1.0. Returns the micro-batch losses and the measurement of all steps but the first (a warm-up)."""
     model.train()
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5, fused=fused)
+    if optimizer is None:
+        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5, fused=fused)
     losses = []
 
     def step(group):
@@ -374,6 +403,20 @@ def train_lines(name: str, base_model, batches: list[dict], loss_fn, reference_f
     rows[1]["check"] = (f"first loss {a:.4f} vs {b:.4f} (rel {abs(a - b) / abs(b):.1e}); "
                         f"kembed loss in fp32 vs reference {strict:.1e}")
     rows[1]["ok"] = abs(a - b) <= BF16_TOLERANCE * abs(b) and strict <= FP32_TOLERANCE
+    if placement.precision == "bf16":  # the train.weights: bf16 option: no autocast, Kahan-summed AdamW
+        model = copy.deepcopy(base_model)
+        residuals = cast_for_training(model, "bf16")
+        optimizer = make_optimizer([p for p in model.parameters() if p.requires_grad],
+                                   TrainConfig(learning_rate=1e-5, weights="bf16"), residuals=residuals)
+        losses, m = train_steps(model, batches, loss_fn, Placement(placement.device, "fp32"), grad_accum,
+                                optimizer=optimizer)
+        del model
+        rows.append(line(f"{name} training step", "train.weights: bf16 (optimi Kahan AdamW)",
+                         unit="optimizer steps", items=len(timed) // grad_accum, m=m,
+                         flops=step_flops(timed, flops, False), reference=rows[0],
+                         tokens_per_second=round(tokens / m["seconds"], 1),
+                         check=f"first loss {losses[0]:.4f} vs {b:.4f} (rel {abs(losses[0] - b) / abs(b):.1e})",
+                         ok=abs(losses[0] - b) <= BF16_TOLERANCE * abs(b)))
     return rows
 
 
@@ -551,6 +594,10 @@ def targets(rows: list[dict], peak: float) -> list[dict]:
             share = r["gflops"] / peak
             add(f"{method} training step, share of the bf16 peak", f"{100 * share:.0f}%", ">= 60%", share >= 0.6)
             add(f"{method} training step vs fp32 full-logits reference", f"{r['ratio']:.2f}x", ">= 2x", r["ratio"] >= 2)
+    for precision in ("bf16", "fp32"):
+        r = find.get((f"generation {precision}", "kembed"))
+        if r:
+            add(f"generation {precision} vs transformers generate", f"{r['ratio']:.2f}x", ">= 2x", r["ratio"] >= 2)
     load = find.get(("model load", "kembed (cached safetensors)"))
     if load:
         add("cached model load vs de-quantizing", f"{load['ratio']:.1f}x", ">= 5x", load["ratio"] >= 5)
@@ -605,6 +652,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--questions", type=int, default=162, help="closed-book test questions (default: all 162)")
     parser.add_argument("--oracle-questions", type=int, default=48, help="oracle-context test questions")
     parser.add_argument("--sample-records", type=int, default=24, help="training records for RLAG sampling")
+    parser.add_argument("--generation-prompts", type=int, default=24, help="explanation prompts generated")
     parser.add_argument("--steps", type=int, default=3, help="timed optimizer steps per training line")
     parser.add_argument("--quick", action="store_true", help="a few items per line (a smoke run)")
     parser.add_argument("--no-lmeval", action="store_true", help="skip lm-evaluation-harness even when installed")
@@ -615,7 +663,7 @@ def main(argv: list[str] | None = None) -> int:
         print(markdown(json.loads(Path(args.markdown).read_text())))
         return 0
     if args.quick:
-        args.questions, args.oracle_questions, args.sample_records, args.steps = 12, 6, 4, 1
+        args.questions, args.oracle_questions, args.sample_records, args.steps, args.generation_prompts = 12, 6, 4, 1, 4
 
     from rich.console import Console
 
@@ -661,6 +709,9 @@ def main(argv: list[str] | None = None) -> int:
     sampling, pairs = sampling_lines(model, tokenizer, placement, sampled, rlag_cfg, run_cfg.prompts)
     rows += sampling
     console.print("RLAG sampling done")
+
+    rows += generation_perf_lines(model, tokenizer, placement, test[: args.generation_prompts])
+    console.print("generation done")
 
     # training steps, each on the recipe's batch size and gradient accumulation
     g, bs = run_cfg.train.grad_accum, run_cfg.train.batch_size

@@ -1,22 +1,38 @@
-"""Scorer speed: shared-prefix option scoring against the straightforward one (one full
-sequence per option), on the same questions in the same run.
+"""Scorer speed: kembed's option scorers (packed, shared-prefix) against the straightforward one
+(one full sequence per option), on the same questions in the same run.
 
     python benchmarks/scorer_speed.py [--domain current-events] [--mode oracle-context] [--limit N]
+        [--threads T] [--row-tokens 512,1024]
 
-Prints questions per second of each, their ratio, how often they pick the same option and the
-largest log-prob difference (bf16 autocast makes the two differ slightly; in fp32 they agree
-to 1e-4, which tests/test_scoring.py checks).
+Prints questions per second of each, the ratio to the reference, how often each picks the
+reference's option and the largest log-prob difference (bf16 makes them differ slightly; in fp32
+they agree to 1e-4, which tests/test_scoring.py checks), and the CPU model. ``--row-tokens``
+times the packed scorer at each of those row lengths (``kembed eval --batch-tokens``).
 """
 
 from __future__ import annotations
 
 import argparse
+import platform
 import time
+
+import torch
 
 from kembed.data import load_records
 from kembed.evaluate import score_records
 from kembed.models import DEFAULT_MODEL, choose_placement, load_model, load_tokenizer
-from kembed.scoring import OptionScorer
+from kembed.scoring import DEFAULT_BATCH_TOKENS, OptionScorer
+
+
+def cpu_model() -> str:
+    """The CPU's model name (``/proc/cpuinfo``), else the platform's processor string."""
+    try:
+        for text in open("/proc/cpuinfo"):
+            if text.startswith("model name"):
+                return text.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
 
 
 def main() -> None:
@@ -27,27 +43,34 @@ def main() -> None:
     parser.add_argument("--model", default=DEFAULT_MODEL)
     parser.add_argument("--limit", type=int, default=None)
     parser.add_argument("--precision", default="auto")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    parser.add_argument("--row-tokens", default=str(DEFAULT_BATCH_TOKENS["packed"]),
+                        help="packed row lengths to time, comma-separated")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     records = load_records(args.domain, args.split, limit=args.limit)
     placement = choose_placement("auto", args.precision)
     tokenizer, model = load_tokenizer(args.model), load_model(args.model, placement)
+    runs = [("reference", None), ("shared_prefix", None)] + [("packed", int(n)) for n in args.row_tokens.split(",")]
     results = {}
-    for impl in ("reference", "shared_prefix"):
-        scorer = OptionScorer(model, tokenizer, placement, implementation=impl)
+    for impl, tokens in runs:
+        scorer = OptionScorer(model, tokenizer, placement, implementation=impl, batch_tokens=tokens)
         score_records(scorer, records[:2], args.mode)  # warm-up
         start = time.perf_counter()
         samples = score_records(scorer, records, args.mode)
-        results[impl] = (time.perf_counter() - start, samples)
-    (t_ref, ref), (t_fast, fast) = results["reference"], results["shared_prefix"]
-    same = sum(a["predicted"]["token_mean"] == b["predicted"]["token_mean"] for a, b in zip(ref, fast))
-    diff = max(abs(x - y) for a, b in zip(ref, fast) for x, y in zip(a["scores"]["sum"], b["scores"]["sum"]))
+        results[(impl, tokens)] = (time.perf_counter() - start, samples)
     n = len(records)
-    print(f"{args.domain}/{args.split} {args.mode}, {n} questions, {placement.device}/{placement.precision}")
-    print(f"reference      {n / t_ref:8.2f} questions/s")
-    print(f"shared_prefix  {n / t_fast:8.2f} questions/s")
-    print(f"speed-up       {t_ref / t_fast:8.2f}x")
-    print(f"same prediction (token_mean) on {same}/{n} questions; max |sum log-prob difference| {diff:.2e}")
+    print(f"{args.domain}/{args.split} {args.mode}, {n} questions, {placement.device}/{placement.precision}, "
+          f"{torch.get_num_threads()} threads, CPU {cpu_model()}")
+    t_ref, ref = results[("reference", None)]
+    for (impl, tokens), (seconds, samples) in results.items():
+        same = sum(a["predicted"]["token_mean"] == b["predicted"]["token_mean"] for a, b in zip(ref, samples))
+        diff = max(abs(x - y) for a, b in zip(ref, samples) for x, y in zip(a["scores"]["sum"], b["scores"]["sum"]))
+        label = impl + (f" (rows of {tokens})" if tokens else "")
+        print(f"{label:<26} {n / seconds:8.2f} questions/s {t_ref / seconds:6.2f}x reference; "
+              f"same option {same}/{n}, max |d sum log-prob| {diff:.2e}")
 
 
 if __name__ == "__main__":
