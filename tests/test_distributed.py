@@ -217,6 +217,7 @@ run = Run.create(out, {"method": "sft"})
 run.save_model(model, load_tokenizer(model_dir))
 with torch.no_grad():  # the sharded model still runs, all ranks in step
     model(input_ids=torch.tensor([[5, 6, 7]]))
+distributed.shutdown()  # as kembed.cli does: no gloo teardown abort at exit
 """
 
 
