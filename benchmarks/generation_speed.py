@@ -22,17 +22,7 @@ from pathlib import Path
 import torch
 
 from kembed.generation import LocalGenerator
-
-
-def cpu_model() -> str:
-    """The CPU's model name from /proc/cpuinfo ("unknown" when absent)."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return "unknown"
+from kembed.runs import cpu_model
 
 
 def generation_lines(model, tokenizer, placement, prompts: list[str], max_new_tokens: int,

@@ -57,6 +57,7 @@ from kembed.evaluate import score_records  # noqa: E402
 from kembed.methods import cpt, rlag, sft  # noqa: E402
 from kembed.methods.common import lm_loss, lm_loss_reference, make_lm_collate  # noqa: E402
 from kembed.models import DEFAULT_MODEL, Placement, choose_placement, load_model, load_tokenizer  # noqa: E402
+from kembed.runs import cpu_model  # noqa: E402
 from kembed.scoring import OptionScorer, logprob_sums_shared_prefix, token_budget_batches  # noqa: E402
 from kembed.train import prepare_config  # noqa: E402
 from kembed.trainer import cast_for_training, make_optimizer  # noqa: E402
@@ -756,7 +757,7 @@ def main(argv: list[str] | None = None) -> int:
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "command": "python benchmarks/perf.py " + " ".join(argv if argv is not None else sys.argv[1:]),
         "commit": _git_commit(),
-        "machine": {"platform": platform.platform(), "processor": _cpu_name(), "threads": threads,
+        "machine": {"platform": platform.platform(), "processor": cpu_model(), "threads": threads,
                     "device": placement.device, "precision": placement.precision, "torch": torch.__version__},
         "model": DEFAULT_MODEL, "domain": args.domain,
         "flops": {"body_params": flops.body, "head_params": flops.head, "layers_x_attention_width": flops.attention},
@@ -780,15 +781,6 @@ def _git_commit() -> str | None:
     except (OSError, subprocess.CalledProcessError):
         return None
 
-
-def _cpu_name() -> str:
-    try:
-        for text in Path("/proc/cpuinfo").read_text().splitlines():
-            if text.startswith("model name"):
-                return text.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor()
 
 
 if __name__ == "__main__":

@@ -13,7 +13,6 @@ times the packed scorer at each of those row lengths (``kembed eval --batch-toke
 from __future__ import annotations
 
 import argparse
-import platform
 import time
 
 import torch
@@ -21,18 +20,8 @@ import torch
 from kembed.data import load_records
 from kembed.evaluate import score_records
 from kembed.models import DEFAULT_MODEL, choose_placement, load_model, load_tokenizer
+from kembed.runs import cpu_model
 from kembed.scoring import DEFAULT_BATCH_TOKENS, OptionScorer
-
-
-def cpu_model() -> str:
-    """The CPU's model name (``/proc/cpuinfo``), else the platform's processor string."""
-    try:
-        for text in open("/proc/cpuinfo"):
-            if text.startswith("model name"):
-                return text.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def main() -> None:

@@ -980,13 +980,13 @@ def write_report(suite: Suite, rows: list[dict], failures: list[dict], results_d
                  step_times: list[dict] | None = None) -> Path:
     """``results.json``, ``results.md`` and the plots of a suite into ``results_dir``;
     ``step_times``: the ``bench-steps.jsonl`` records, for the time breakdown."""
-    from kembed.runs import write_atomic, write_json
+    from kembed.runs import cpu_model, write_atomic, write_json
 
     labels = [s.label for s in suite.evals]
     results_dir.mkdir(parents=True, exist_ok=True)
     meta = {"suite": suite.name, "description": suite.description, "command": f"kembed bench {suite.name}",
             "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "commit": git_commit(),
-            "machine": f"{platform.machine()}, {__import__('os').cpu_count()} CPU cores, {platform.system()}",
+            "machine": f"{cpu_model()} ({platform.machine()}), {__import__('os').cpu_count()} CPU cores, {platform.system()}",
             "bench_seconds": round(sum(i["seconds"] for i in invocations), 1), "invocations": invocations,
             "scorer": SCORER, "failures": failures}
     summary, ranking = seed_summary(rows, labels), method_ranking(rows, labels[0])

@@ -56,6 +56,18 @@ def write_jsonl(path: Path, rows) -> None:
     write_atomic(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
 
 
+def cpu_model() -> str:
+    """The CPU's model name (``model name`` in ``/proc/cpuinfo``), else the platform's processor
+    string: recorded with every speed figure, since timings compare only within one CPU kind."""
+    try:
+        for text in Path("/proc/cpuinfo").read_text().splitlines():
+            if text.startswith("model name"):
+                return text.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
 def environment(placement=None, seed: int | None = None) -> dict:
     """Versions of the packages that matter, the device, precision, seed and command line."""
     from importlib.metadata import PackageNotFoundError, version
@@ -67,7 +79,7 @@ def environment(placement=None, seed: int | None = None) -> dict:
         except PackageNotFoundError:
             versions[pkg] = None
     env = {"python": sys.version.split()[0], "platform": platform.platform(), "packages": versions,
-           "argv": sys.argv, "cpu_count": os.cpu_count(), "seed": seed}
+           "argv": sys.argv, "cpu": cpu_model(), "cpu_count": os.cpu_count(), "seed": seed}
     if placement is not None:
         env.update(device=placement.device, precision=placement.precision)
         if placement.device == "cuda":
