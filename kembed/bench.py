@@ -977,9 +977,10 @@ def git_commit() -> str | None:
 
 
 def write_report(suite: Suite, rows: list[dict], failures: list[dict], results_dir: Path, invocations: list[dict],
-                 step_times: list[dict] | None = None) -> Path:
+                 step_times: list[dict] | None = None, pending: list[str] | None = None) -> Path:
     """``results.json``, ``results.md`` and the plots of a suite into ``results_dir``;
-    ``step_times``: the ``bench-steps.jsonl`` records, for the time breakdown."""
+    ``step_times``: the ``bench-steps.jsonl`` records, for the time breakdown; ``pending``: the
+    labels of steps not finished yet (a report written while the bench is incomplete)."""
     from kembed.runs import cpu_model, write_atomic, write_json
 
     labels = [s.label for s in suite.evals]
@@ -988,7 +989,7 @@ def write_report(suite: Suite, rows: list[dict], failures: list[dict], results_d
             "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "commit": git_commit(),
             "machine": f"{cpu_model()} ({platform.machine()}), {__import__('os').cpu_count()} CPU cores, {platform.system()}",
             "bench_seconds": round(sum(i["seconds"] for i in invocations), 1), "invocations": invocations,
-            "scorer": SCORER, "failures": failures}
+            "scorer": SCORER, "failures": failures, "pending": pending or []}
     summary, ranking = seed_summary(rows, labels), method_ranking(rows, labels[0])
     times = time_breakdown(step_times or [])
     write_json(results_dir / "results.json", {**meta, "rows": rows, "over_seeds": summary, "ranking": ranking,
@@ -1006,7 +1007,11 @@ def write_report(suite: Suite, rows: list[dict], failures: list[dict], results_d
              "closed-book questions; mean score in [0, 1] over judged explanations; unable-to-explain share with "
              "its Wilson 95% CI",
              "- these intervals cover the choice of questions, not variation between training seeds "
-             "(`kembed bench SUITE --seeds K` trains K seeds per method)", ""]
+             "(`kembed bench SUITE --seeds K` trains K seeds per method)"]
+    if pending:
+        lines.append(f"- **partial**: {len(pending)} step(s) not finished yet, so the models they train or score "
+                     f"are missing or incomplete below: {'; '.join(pending)}")
+    lines.append("")
     tuned = {r["method"]: r["tune"] for r in rows if r.get("tune")}
     if tuned:
         from kembed.tune import summary_lines
@@ -1052,8 +1057,12 @@ def write_report(suite: Suite, rows: list[dict], failures: list[dict], results_d
 
 
 def run_suite(suite: Suite, *, out: Path, results_dir: Path, seeds: int | None = None, data_dir: str | None = None,
-              jobs: int = 1, console=None, domains: list[str] | None = None) -> tuple[Path, list[dict]]:
+              jobs: int = 1, console=None, domains: list[str] | None = None,
+              report_only: bool = False) -> tuple[Path, list[dict]]:
     """Plan, execute and report a suite; returns ``(results.md, failures)``.
+
+    ``report_only`` runs nothing and records no invocation: the report covers what has finished
+    in ``out`` (another invocation may still be running) and lists the steps not finished yet.
 
     ``domains`` runs only those domains' steps (and the tuning grid they need); the report
     still covers every domain with results in ``out``, so that invocations one domain at a time
@@ -1075,8 +1084,17 @@ def run_suite(suite: Suite, *, out: Path, results_dir: Path, seeds: int | None =
             raise ConfigError(f"suite {suite.name}: --domains {', '.join(unknown)} not in its domains "
                               f"({', '.join(suite.domains)})")
         steps = [s for s in steps if s.label.startswith("tune ") or any(s.label.startswith(f"{d} ") for d in domains)]
-    out.mkdir(parents=True, exist_ok=True)
     log = out / "bench-invocations.jsonl"
+    if report_only:
+        done = {s.label for s in steps if s.done()}
+        # a judge step has no done check (every invocation re-runs it, cheaply, from its cache): it
+        # counts as pending while the explanations it judges are
+        pending = [s.label for s in steps if s.label not in done
+                   and not (": judge " in s.label and all(n in done for n in s.needs))]
+        invocations = [json.loads(line) for line in log.read_text().splitlines() if line.strip()] \
+            if log.is_file() else []
+        return _report(suite, models, out, results_dir, invocations, [], pending, console), []
+    out.mkdir(parents=True, exist_ok=True)
     earlier = log.read_text().splitlines() if log.is_file() else []
     start = time.time()
     record = {"started": datetime.fromtimestamp(start, timezone.utc).isoformat(timespec="seconds"), "jobs": jobs,
@@ -1092,12 +1110,18 @@ def run_suite(suite: Suite, *, out: Path, results_dir: Path, seeds: int | None =
     record["finished"] = True
     save(False)
     invocations = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
+    return _report(suite, models, out, results_dir, invocations, failures, None, console), failures
+
+
+def _report(suite: Suite, models, out: Path, results_dir: Path, invocations: list[dict], failures: list[dict],
+            pending: list[str] | None, console) -> Path:
+    """Collect what has finished in ``out``, write the report and print its tables."""
     rows = [r for r in collect(models) if any(r["evals"].values())]  # domains not run yet are left out
     steps_log = out / "bench-steps.jsonl"
     step_times = [json.loads(line) for line in steps_log.read_text().splitlines() if line.strip()] \
         if steps_log.is_file() else []
-    report = write_report(suite, rows, failures, results_dir, invocations, step_times)
+    report = write_report(suite, rows, failures, results_dir, invocations, step_times, pending)
     labels = [s.label for s in suite.evals]
     for domain in dict.fromkeys(r["domain"] for r in rows):
         console.print(console_tables([r for r in rows if r["domain"] == domain], labels, f"{suite.name}: {domain}"))
-    return report, failures
+    return report

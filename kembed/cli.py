@@ -285,6 +285,9 @@ def bench(suite: str = typer.Argument("quick", help="Suite name (benchmarks/<nam
           jobs: int = typer.Option(1, help="Steps run at once (each with CPU cores / jobs threads; logs in OUT/logs)."),
           domains: Optional[str] = typer.Option(None, help="Run only these of the suite's domains (comma-separated); "
                                                            "the report merges every domain run so far."),
+          report_only: bool = typer.Option(False, "--report-only", help="Run nothing: write the report from what "
+                                                                          "has finished in OUT (a bench may still be "
+                                                                          "running) and list the steps still to run."),
           data_dir: Optional[str] = DataDir):
     """Train, evaluate, explain and judge every method of a suite; resumable; writes results.md and plots."""
     from kembed.bench import BENCH_DIR, load_suite, run_suite
@@ -293,7 +296,8 @@ def bench(suite: str = typer.Argument("quick", help="Suite name (benchmarks/<nam
     report, failures = run_suite(spec, out=out or Path("runs") / "bench" / spec.name,
                                  results_dir=results_dir or BENCH_DIR / "results" / spec.name, seeds=seeds,
                                  data_dir=data_dir, jobs=jobs, console=console,
-                                 domains=[d.strip() for d in domains.split(",") if d.strip()] if domains else None)
+                                 domains=[d.strip() for d in domains.split(",") if d.strip()] if domains else None,
+                                 report_only=report_only)
     console.print(f"results: {report}")
     if failures:
         console.print(f"[red]{len(failures)} step(s) failed or were skipped[/]: see the Failures section of {report}")

@@ -185,6 +185,14 @@ def test_bench_runs_a_suite_and_resumes(data_dir, tiny_model_dir, tmp_path):
     steps, _ = plan(load_suite(str(suite)), out)
     train = next(s for s in steps if s.label.endswith("sft: train"))
     assert train.done() and "--resume" in train.argv()  # a finished run is reused, never retrained
+    partial = invoke("bench", suite, "--out", out, "--results", tmp_path / "partial", "--report-only")
+    assert partial.exit_code == 0, partial.output
+    pending = json.loads((tmp_path / "partial" / "results.json").read_text())
+    assert not rag.is_file() and len(pending["invocations"]) == 1  # ran nothing, recorded no invocation
+    assert pending["pending"] == ["current-events sft: eval retrieved-context-chat"]
+    evals = pending["rows"][1]["evals"]
+    assert evals["closed-book-raw"] and not evals.get("retrieved-context-chat")
+    assert "**partial**: 1 step(s) not finished yet" in (tmp_path / "partial" / "results.md").read_text()
     again = invoke("bench", suite, "--out", out, "--results", results)
     assert again.exit_code == 0, again.output
     assert (run / "metrics.jsonl").read_text() == metrics and rag.is_file()
