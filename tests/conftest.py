@@ -105,3 +105,20 @@ def data_dir(tmp_path, monkeypatch):
     path = write_upstream_dir(tmp_path / "data")
     monkeypatch.setenv("KEMBED_DATA_DIR", str(path))
     return path
+
+
+def interrupt_training_at(monkeypatch, call: int):
+    """Make the trainer's ``compute_loss`` raise KeyboardInterrupt (Ctrl-C) at its ``call``-th
+    call; returns a function that puts the real one back."""
+    from kembed.trainer import MethodTrainer
+
+    real, calls = MethodTrainer.compute_loss, []
+
+    def interrupting(self, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == call:
+            raise KeyboardInterrupt
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(MethodTrainer, "compute_loss", interrupting)
+    return lambda: monkeypatch.setattr(MethodTrainer, "compute_loss", real)

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 import yaml
 from typer.testing import CliRunner
 
-from conftest import make_records
+from conftest import interrupt_training_at, make_records
 from kembed.cli import app
 from kembed.methods import cpt, sft
 from kembed.methods.common import lm_loss, lm_loss_reference, make_lm_collate
@@ -86,22 +86,12 @@ def test_lora_adapter_run_trains_and_evaluates(data_dir, tiny_model_dir, tmp_pat
 def test_interrupted_epoch_resumes_from_its_checkpoint(data_dir, tiny_model_dir, tmp_path, monkeypatch):
     from safetensors.torch import load_file
 
-    from kembed.trainer import MethodTrainer
-
     a, b = tmp_path / "a", tmp_path / "b"
     assert run_method("sft", tiny_model_dir, a, "sft.epochs=2").exit_code == 0
-    real, calls = MethodTrainer.compute_loss, []
-
-    def interrupting(self, *args, **kwargs):
-        calls.append(1)
-        if len(calls) == 3:  # 2 steps per epoch: the first step of epoch 2
-            raise KeyboardInterrupt
-        return real(self, *args, **kwargs)
-
-    monkeypatch.setattr(MethodTrainer, "compute_loss", interrupting)
+    restore = interrupt_training_at(monkeypatch, 3)  # 2 steps per epoch: the first step of epoch 2
     assert run_method("sft", tiny_model_dir, b, "sft.epochs=2").exit_code == 130
     assert list((b / "checkpoints").glob("*/checkpoint-*")) and not (b / "model").exists()
-    monkeypatch.setattr(MethodTrainer, "compute_loss", real)
+    restore()
     result = CliRunner().invoke(app, ["train", "sft", "--output", str(b), "--resume"], catch_exceptions=False)
     assert result.exit_code == 0, result.output
     wa, wb = load_file(a / "model" / "model.safetensors"), load_file(b / "model" / "model.safetensors")

@@ -9,6 +9,7 @@ import math
 import pytest
 import torch
 
+from conftest import interrupt_training_at
 from kembed.config import TrainConfig
 from kembed.methods.common import lm_loss, make_lm_collate
 from kembed.models import Placement
@@ -256,7 +257,6 @@ def test_a_bf16_weights_run_saves_evaluates_and_resumes_exactly(data_dir, tiny_m
     from typer.testing import CliRunner
 
     from kembed.cli import app
-    from kembed.trainer import MethodTrainer
 
     def train(out, *extra):
         args = ["train", "sft", "--output", out, f"model={tiny_model_dir}", "limit=4", "validation=2",
@@ -272,17 +272,9 @@ def test_a_bf16_weights_run_saves_evaluates_and_resumes_exactly(data_dir, tiny_m
                                       "--output", str(tmp_path / "ev")], catch_exceptions=False)
     assert result.exit_code == 0, result.output
 
-    real, calls = MethodTrainer.compute_loss, []
-
-    def interrupting(self, *args, **kwargs):
-        calls.append(1)
-        if len(calls) == 3:  # 2 steps per epoch: the first step of epoch 2
-            raise KeyboardInterrupt
-        return real(self, *args, **kwargs)
-
-    monkeypatch.setattr(MethodTrainer, "compute_loss", interrupting)
+    restore = interrupt_training_at(monkeypatch, 3)  # 2 steps per epoch: the first step of epoch 2
     assert train(b).exit_code == 130
-    monkeypatch.setattr(MethodTrainer, "compute_loss", real)
+    restore()
     result = CliRunner().invoke(app, ["train", "sft", "--output", str(b), "--resume"], catch_exceptions=False)
     assert result.exit_code == 0, result.output
     resumed = load_file(b / "model" / "model.safetensors")
