@@ -34,6 +34,7 @@ from pydantic import Field, ValidationError
 from kembed.config import Strict
 from kembed.errors import ConfigError, KembedError
 from kembed.tune import TuneSpec
+from kembed.runs import read_jsonl
 from kembed.tables import ConsoleTables, markdown_table
 
 BENCH_DIR = Path(__file__).resolve().parent.parent / "benchmarks"
@@ -157,7 +158,7 @@ def _explained(folder: Path) -> bool:
     samples, results = folder / "samples.jsonl", folder / "results.json"
     if not samples.is_file() or not results.is_file() or "explanations" not in json.loads(results.read_text()):
         return False
-    rows = [json.loads(line) for line in samples.read_text().splitlines() if line.strip()]
+    rows = read_jsonl(samples)
     return all("explanation" in r for r in rows if r["correct"][SCORER])
 
 
@@ -461,7 +462,7 @@ def execute(steps: list[Step], console, log_dir: Path, jobs: int = 1, on_step_en
 
 
 def _samples(folder: Path) -> list[dict]:
-    return [json.loads(line) for line in (folder / "samples.jsonl").read_text().splitlines() if line.strip()]
+    return read_jsonl(folder / "samples.jsonl")
 
 
 def _correct(folder: Path, samples: list[dict] | None = None) -> dict[str, bool]:
@@ -1091,8 +1092,7 @@ def run_suite(suite: Suite, *, out: Path, results_dir: Path, seeds: int | None =
         # counts as pending while the explanations it judges are
         pending = [s.label for s in steps if s.label not in done
                    and not (": judge " in s.label and all(n in done for n in s.needs))]
-        invocations = [json.loads(line) for line in log.read_text().splitlines() if line.strip()] \
-            if log.is_file() else []
+        invocations = read_jsonl(log, missing_ok=True)
         return _report(suite, models, out, results_dir, invocations, [], pending, console), []
     out.mkdir(parents=True, exist_ok=True)
     earlier = log.read_text().splitlines() if log.is_file() else []
@@ -1109,7 +1109,7 @@ def run_suite(suite: Suite, *, out: Path, results_dir: Path, seeds: int | None =
     failures = execute(steps, console, out, jobs, on_step_end=save)
     record["finished"] = True
     save(False)
-    invocations = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
+    invocations = read_jsonl(log)
     return _report(suite, models, out, results_dir, invocations, failures, None, console), failures
 
 
@@ -1117,9 +1117,7 @@ def _report(suite: Suite, models, out: Path, results_dir: Path, invocations: lis
             pending: list[str] | None, console) -> Path:
     """Collect what has finished in ``out``, write the report and print its tables."""
     rows = [r for r in collect(models) if any(r["evals"].values())]  # domains not run yet are left out
-    steps_log = out / "bench-steps.jsonl"
-    step_times = [json.loads(line) for line in steps_log.read_text().splitlines() if line.strip()] \
-        if steps_log.is_file() else []
+    step_times = read_jsonl(out / "bench-steps.jsonl", missing_ok=True)
     report = write_report(suite, rows, failures, results_dir, invocations, step_times, pending)
     labels = [s.label for s in suite.evals]
     for domain in dict.fromkeys(r["domain"] for r in rows):

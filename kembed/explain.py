@@ -20,6 +20,7 @@ from pathlib import Path
 
 from kembed.errors import KembedError
 from kembed.records import QARecord
+from kembed.runs import read_jsonl
 
 PROMPT_VERSION = "1"
 SCORER = "token_mean"  # the headline scorer decides which answers count as correct
@@ -71,7 +72,7 @@ def read_evaluation(folder: Path) -> tuple[dict, list[dict]]:
         raise KembedError(f"{folder}: not a kembed evaluation (needs results.json and samples.jsonl)")
     try:
         summary = json.loads(results.read_text())
-        rows = [json.loads(line) for line in samples.read_text().splitlines() if line.strip()]
+        rows = read_jsonl(samples)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise KembedError(f"{folder}: unreadable results ({e})") from None
     return summary, rows

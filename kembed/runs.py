@@ -56,6 +56,15 @@ def write_jsonl(path: Path, rows) -> None:
     write_atomic(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
 
 
+def read_jsonl(path: Path, missing_ok: bool = False) -> list:
+    """The JSON values of a JSON-lines file, one per non-blank line; ``[]`` for a missing file
+    when ``missing_ok``, else FileNotFoundError."""
+    path = Path(path)
+    if missing_ok and not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
 def cpu_model() -> str:
     """The CPU's model name (``model name`` in ``/proc/cpuinfo``), else the platform's processor
     string: recorded with every speed figure, since timings compare only within one CPU kind."""
