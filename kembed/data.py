@@ -51,19 +51,18 @@ built-in :data:`DOMAINS`.
 from __future__ import annotations
 
 import dataclasses
-import http.client
 import json
 import os
 import re
 import shutil
 import tempfile
-import urllib.request
 import zipfile
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING
-from urllib.error import HTTPError, URLError
+from urllib.parse import urlsplit
+from urllib.request import url2pathname
 
 import platformdirs
 
@@ -764,14 +763,28 @@ def _copy_data(source: Path, tmp: Path) -> None:
 
 
 def _download_data(url: str, tmp: Path, timeout: float) -> None:
+    """Download the zip at ``url`` (http(s) through httpx, following redirects; or a ``file:``
+    URL) and extract its ``data/`` folder and LICENSE into ``tmp``."""
+    import httpx
+
     archive = tmp / "upstream.zip"
+    reason = None  # why the download failed
     try:
-        with urllib.request.urlopen(url, timeout=timeout) as response, archive.open("wb") as out:
-            shutil.copyfileobj(response, out)
-    except (URLError, OSError, http.client.HTTPException) as e:
-        reason = f"HTTP {e.code} {e.reason}" if isinstance(e, HTTPError) else getattr(e, "reason", None) or e
+        if urlsplit(url).scheme == "file":  # a local archive (httpx speaks http(s) only)
+            shutil.copyfile(url2pathname(urlsplit(url).path), archive)
+        else:
+            with httpx.stream("GET", url, timeout=timeout, follow_redirects=True) as response:
+                if response.is_success:
+                    with archive.open("wb") as out:
+                        for chunk in response.iter_bytes():
+                            out.write(chunk)
+                else:
+                    reason = f"HTTP {response.status_code} {response.reason_phrase}"
+    except (httpx.HTTPError, httpx.InvalidURL, OSError) as e:
+        reason = str(e) or type(e).__name__
+    if reason is not None:
         raise KembedError(f"could not download {url} ({reason}); "
-                          f"copy the data with `kembed data fetch --from DIR` instead") from None
+                          f"copy the data with `kembed data fetch --from DIR` instead")
     try:
         with zipfile.ZipFile(archive) as zf:
             for info in zf.infolist():

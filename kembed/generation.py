@@ -4,12 +4,9 @@ an OpenAI-compatible chat-completions endpoint."""
 
 from __future__ import annotations
 
-import json
-import os
-import urllib.error
-import urllib.request
+import threading
 
-from kembed.errors import KembedError
+from kembed.endpoint import Completion, EndpointBackend
 
 
 IMPLEMENTATIONS = ("kembed", "transformers")
@@ -267,41 +264,51 @@ class LocalGenerator:
 
 
 class OpenAIGenerator:
-    """Chat completions from an OpenAI-compatible endpoint (``POST {url}/chat/completions``).
+    """Chat completions from an OpenAI-compatible endpoint (``POST {url}/chat/completions``), a
+    thin wrapper over :class:`kembed.endpoint.EndpointBackend` (temperature 0, a few requests in
+    flight at once, errors labelled "teacher endpoint").
+
+    Transient failures (timeouts, connection errors, 429, 5xx) are retried ``MAX_RETRIES`` times
+    with a back-off of ``BACKOFF * 2**k`` seconds (a ``Retry-After`` header is honoured), so an
+    endpoint that cannot be reached fails within seconds.
 
     Args:
         url: base URL, e.g. ``http://localhost:8000/v1``.
         model: the model name the endpoint serves.
-        api_key_env: environment variable holding the API key (optional).
+        api_key_env: environment variable holding the API key (optional; sent as Bearer).
         max_new_tokens: ``max_tokens`` of each request.
         timeout: seconds per request.
 
+    Raises:
+        KembedError: ``api_key_env`` is given but that variable is not set.
+
     Raises (from ``generate``):
-        KembedError: the endpoint cannot be reached or answers with an error.
+        KembedError: the endpoint cannot be reached, answers with an error, or its answer is not a
+            chat completion (see :class:`kembed.endpoint.EndpointBackend`).
     """
+
+    #: retries after the first try, and the base delay of their back-off (seconds)
+    MAX_RETRIES, BACKOFF = 2, 0.5
 
     def __init__(self, url: str, model: str, *, api_key_env: str | None = None, max_new_tokens: int = 256,
                  timeout: float = 60.0):
-        self.url, self.model, self.max_new_tokens, self.timeout = url.rstrip("/"), model, max_new_tokens, timeout
-        self.api_key = os.environ.get(api_key_env) if api_key_env else None
+        self.backend = EndpointBackend(url, model, api_key_env=api_key_env, max_tokens=max_new_tokens,
+                                       timeout=timeout, max_retries=self.MAX_RETRIES, backoff=self.BACKOFF,
+                                       label="teacher endpoint")
+        self.url, self.model, self.max_new_tokens, self.timeout = self.backend.url, model, max_new_tokens, timeout
         self.name = f"openai:{model}"
 
     def generate(self, prompts: list[str], progress=None) -> list[str]:
-        """One reply per user prompt (temperature 0)."""
-        replies = []
-        headers = {"Content-Type": "application/json"}
-        if self.api_key:
-            headers["Authorization"] = f"Bearer {self.api_key}"
-        for prompt in prompts:
-            body = json.dumps({"model": self.model, "messages": [{"role": "user", "content": prompt}],
-                               "temperature": 0, "max_tokens": self.max_new_tokens}).encode()
-            request = urllib.request.Request(f"{self.url}/chat/completions", data=body, headers=headers)
-            try:
-                with urllib.request.urlopen(request, timeout=self.timeout) as response:
-                    reply = json.loads(response.read())["choices"][0]["message"]["content"]
-            except (urllib.error.URLError, OSError, KeyError, IndexError, json.JSONDecodeError) as e:
-                raise KembedError(f"teacher endpoint {self.url}: {e}") from None
-            replies.append((reply or "").strip())
+        """One reply per user prompt (stripped), in prompt order; ``progress(1)`` is called as
+        each reply arrives."""
+        replies: list[str | None] = [None] * len(prompts)
+        lock = threading.Lock()
+
+        def done(i: int, completion: Completion) -> None:
+            replies[i] = completion.text
             if progress is not None:
-                progress(1)
-        return replies
+                with lock:
+                    progress(1)
+
+        self.backend.generate(prompts, done)
+        return replies  # type: ignore[return-value]

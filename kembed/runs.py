@@ -78,7 +78,8 @@ def cpu_model() -> str:
 
 
 def environment(placement=None, seed: int | None = None) -> dict:
-    """Versions of the packages that matter, the device, precision, seed and command line."""
+    """Versions of the packages that matter (those installed; an absent one is left out), the
+    device, precision, seed and command line."""
     from importlib.metadata import PackageNotFoundError, version
 
     versions = {}
@@ -86,7 +87,7 @@ def environment(placement=None, seed: int | None = None) -> dict:
         try:
             versions[pkg] = version(pkg)
         except PackageNotFoundError:
-            versions[pkg] = None
+            pass
     env = {"python": sys.version.split()[0], "platform": platform.platform(), "packages": versions,
            "argv": sys.argv, "cpu": cpu_model(), "cpu_count": os.cpu_count(), "seed": seed}
     if placement is not None:

@@ -8,9 +8,11 @@ import os
 import socket
 import subprocess
 import sys
+import threading
 import time
 import zipfile
 from collections import Counter
+from http.server import BaseHTTPRequestHandler, HTTPServer
 from pathlib import Path
 
 import pytest
@@ -369,6 +371,63 @@ def test_fetch_extracts_data_folder_from_zip(tmp_path):
     dest = fetch_data(tmp_path / "rlag", url=archive.as_uri())
     assert sorted(p.name for p in dest.iterdir()) == ["CurrentEvents", "LICENSE"]
     assert load_knowledge_base("current-events", dest) == ["event"]
+    assert leftovers(tmp_path, dest) == []
+
+
+@pytest.fixture
+def zip_server(monkeypatch):
+    """A loopback HTTP server: ``/old.zip`` redirects to ``/new.zip`` (the zip in ``.body``), and any
+    other path is a 404."""
+    for var in ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "http_proxy", "https_proxy", "all_proxy"):
+        monkeypatch.delenv(var, raising=False)
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self):
+            if self.path == "/old.zip":
+                self.send_response(302)
+                self.send_header("Location", "/new.zip")
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+            elif self.path == "/new.zip":
+                self.send_response(200)
+                self.send_header("Content-Length", str(len(httpd.body)))
+                self.end_headers()
+                self.wfile.write(httpd.body)
+            else:
+                self.send_error(404)
+
+        def log_message(self, *args):
+            pass
+
+    httpd = HTTPServer(("127.0.0.1", 0), Handler)
+    httpd.body = b""
+    httpd.url = f"http://127.0.0.1:{httpd.server_address[1]}"
+    thread = threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+    thread.start()
+    yield httpd
+    httpd.shutdown()
+    httpd.server_close()
+
+
+def test_fetch_follows_redirects_over_http(tmp_path, zip_server):
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w") as zf:
+        zf.writestr("RLAG-x/LICENSE", "Apache-2.0")
+        zf.writestr("RLAG-x/data/USMLE/USMLE_test.jsonl", json.dumps(rec(answer="Rome")) + "\n")
+    zip_server.body = buffer.getvalue()
+    dest = fetch_data(tmp_path / "rlag", url=f"{zip_server.url}/old.zip", timeout=5)
+    assert sorted(p.name for p in dest.iterdir()) == ["LICENSE", "USMLE"]
+    assert len(load_records("medical", "test", dest)) == 1
+    assert leftovers(tmp_path, dest) == []
+
+
+def test_fetch_http_error_names_status_and_leaves_dest(tmp_path, zip_server):
+    dest = tmp_path / "rlag"
+    (dest / "USMLE").mkdir(parents=True)
+    with pytest.raises(KembedError, match=r"could not download http://127\.0\.0\.1:\d+/missing\.zip "
+                                          r"\(HTTP 404 Not Found\); copy the data with"):
+        fetch_data(dest, url=f"{zip_server.url}/missing.zip", timeout=5)
+    assert [p.name for p in dest.iterdir()] == ["USMLE"]
     assert leftovers(tmp_path, dest) == []
 
 

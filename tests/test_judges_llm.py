@@ -56,7 +56,7 @@ def test_rubric_parses_json(tmp_path, monkeypatch):
 
 def test_missing_api_key_is_an_error(monkeypatch):
     monkeypatch.delenv("NO_SUCH_KEY_VAR", raising=False)
-    with pytest.raises(KembedError, match="NO_SUCH_KEY_VAR"):
+    with pytest.raises(KembedError, match="judge endpoint .*NO_SUCH_KEY_VAR"):
         JudgeClient.endpoint("http://127.0.0.1:9/v1", "m", api_key_env="NO_SUCH_KEY_VAR", cache_path=False)
 
 
@@ -131,7 +131,7 @@ def test_retry_after_and_500(tmp_path):
 def test_retries_exhausted_and_4xx(tmp_path):
     with JudgeServer(script=[Reply(status=503, body="down")] * 3) as server:
         client = client_for(server, tmp_path, max_retries=2)
-        with pytest.raises(KembedError, match=re.escape(server.url) + r".*HTTP 503"):
+        with pytest.raises(KembedError, match="judge endpoint " + re.escape(server.url) + r".*HTTP 503"):
             RubricJudge(client).judge([item(1)])
         assert len(server.requests) == 3
     with JudgeServer(script=[Reply(status=401, body="bad key")]) as server:
@@ -139,6 +139,14 @@ def test_retries_exhausted_and_4xx(tmp_path):
         with pytest.raises(KembedError, match="HTTP 401"):
             RubricJudge(client).judge([item(1)])
         assert len(server.requests) == 1
+
+
+def test_endpoint_backend_is_shared_with_the_teacher():
+    import kembed.endpoint
+    import kembed.judges.client as client
+
+    assert client.EndpointBackend is kembed.endpoint.EndpointBackend
+    assert client.Completion is kembed.endpoint.Completion and client.RETRY_STATUSES == {429, 500, 502, 503, 504}
 
 
 def test_connection_error_gives_up(tmp_path):

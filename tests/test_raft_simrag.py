@@ -7,6 +7,7 @@ import os
 import random
 import re
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, HTTPServer
 from pathlib import Path
 
@@ -293,5 +294,49 @@ def test_openai_compatible_teacher_on_loopback():
         assert body["messages"] == [{"role": "user", "content": "Explain."}]
     finally:
         server.shutdown()
+    start = time.monotonic()
     with pytest.raises(KembedError, match="teacher endpoint"):
         OpenAIGenerator("http://127.0.0.1:9/v1", "m", timeout=2).generate(["x"])
+    assert time.monotonic() - start < 5  # a dead port fails within seconds
+
+
+@pytest.fixture
+def no_proxy(monkeypatch):
+    for var in ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "http_proxy", "https_proxy", "all_proxy"):
+        monkeypatch.delenv(var, raising=False)
+
+
+def test_openai_teacher_keeps_prompt_order_and_reports_progress(no_proxy, monkeypatch):
+    from judge_server import JudgeServer, Reply
+
+    monkeypatch.setenv("TEST_TEACHER_KEY", "sk-teacher")
+    delays = {"p0": 0.4, "p1": 0.2, "p2": 0.0}  # the later prompts are answered first
+    with JudgeServer(default=lambda p: Reply(f" reply to {p} ", delay=delays[p])) as server:
+        gen = OpenAIGenerator(server.url, "teacher-model", api_key_env="TEST_TEACHER_KEY", max_new_tokens=7,
+                              timeout=5)
+        seen = []
+        assert gen.generate(list(delays), progress=seen.append) == ["reply to p0", "reply to p1", "reply to p2"]
+        assert gen.generate([]) == []
+    assert seen == [1, 1, 1] and gen.name == "openai:teacher-model"
+    assert sorted(r["body"]["messages"][0]["content"] for r in server.requests) == ["p0", "p1", "p2"]
+    assert {r["headers"]["Authorization"] for r in server.requests} == {"Bearer sk-teacher"}
+    assert all(r["body"]["max_tokens"] == 7 and r["body"]["temperature"] == 0 for r in server.requests)
+
+
+def test_openai_teacher_errors_name_the_teacher(no_proxy, monkeypatch):
+    from judge_server import JudgeServer, Reply
+
+    monkeypatch.delenv("TEST_NO_TEACHER_KEY", raising=False)
+    with pytest.raises(KembedError, match="teacher endpoint .*TEST_NO_TEACHER_KEY is not set"):
+        OpenAIGenerator("http://127.0.0.1:9/v1", "m", api_key_env="TEST_NO_TEACHER_KEY")
+    with JudgeServer(script=[Reply(status=400, body="bad request")]) as server:
+        with pytest.raises(KembedError, match=r"teacher endpoint .*/chat/completions: HTTP 400: bad request"):
+            OpenAIGenerator(server.url, "m", timeout=5).generate(["x"])
+        assert len(server.requests) == 1  # a 4xx is not retried
+    with JudgeServer(script=[Reply(status=503, body="busy", headers={"Retry-After": "0"})] * 2
+                     + [Reply("late but fine")]) as server:  # retried, then answered
+        assert OpenAIGenerator(server.url, "m", timeout=5).generate(["x"]) == ["late but fine"]
+        assert len(server.requests) == 3
+    with JudgeServer(default=lambda p: Reply(body='{"no": "choices"}')) as server:
+        with pytest.raises(KembedError, match="teacher endpoint .*not a chat completion"):
+            OpenAIGenerator(server.url, "m", timeout=5).generate(["x"])

@@ -1,5 +1,7 @@
-"""The language-model client of the judges: a local model or an OpenAI-compatible endpoint,
-behind a sqlite cache of raw completions.
+"""The language-model client of the judges: a local model or an OpenAI-compatible endpoint
+(:class:`kembed.endpoint.EndpointBackend`, imported here with :class:`Completion` and
+:data:`RETRY_STATUSES` so that they stay importable from this module), behind a sqlite cache of
+raw completions.
 
 The cache key is the sha256 of (judge name, endpoint URL or local model id, prompt template
 version, rendered prompt, decoding settings, attempt). It stores the raw completion text and its
@@ -12,36 +14,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import sqlite3
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from kembed.errors import KembedError
-
-#: HTTP statuses that are retried (with back-off) instead of failing at once
-RETRY_STATUSES = {429, 500, 502, 503, 504}
-
-
-@dataclass
-class Completion:
-    """One raw completion.
-
-    Attributes:
-        text: the completion text (stripped).
-        prompt_tokens: tokens of the prompt (0 when the endpoint reports no usage).
-        completion_tokens: tokens of the completion (0 when the endpoint reports no usage).
-        cached: it came from the cache (no request was made).
-    """
-
-    text: str
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-    cached: bool = False
+from kembed.endpoint import RETRY_STATUSES, Completion, EndpointBackend  # noqa: F401 (re-exported)
 
 
 class LocalBackend:
@@ -76,110 +55,6 @@ class LocalBackend:
         for start in range(0, len(prompts), self.batch_size):
             for j, (text, n_prompt, n_out) in enumerate(generator.generate_counted(prompts[start:start + self.batch_size])):
                 done(start + j, Completion(text, n_prompt, n_out))
-
-
-class EndpointBackend:
-    """An OpenAI-compatible chat-completions endpoint (``POST {url}/chat/completions``) via httpx.
-
-    Requests run in a thread pool of ``max_concurrency`` workers with temperature 0. Timeouts,
-    connection errors, 429 and 5xx are retried up to ``max_retries`` times with exponential
-    back-off (``backoff * 2**k`` seconds); a ``Retry-After`` header (seconds) on 429/503 is
-    honoured instead (capped at ``max_retry_after``).
-
-    Args:
-        url: base URL, e.g. ``http://localhost:8000/v1``.
-        model: the model name the endpoint serves.
-        api_key_env: NAME of the environment variable that holds the API key (sent as Bearer).
-        max_tokens: ``max_tokens`` of each request.
-        timeout: seconds per request.
-        max_retries: retries after the first try.
-        backoff: base delay of the back-off, seconds.
-        max_concurrency: requests in flight at once.
-        max_retry_after: the longest ``Retry-After`` wait honoured, seconds.
-
-    Raises (from ``generate``):
-        KembedError: a 4xx other than 429 (at once), retries exhausted (with the URL and the last
-            status or error), or a 200 answer without ``choices[0].message.content``.
-    """
-
-    kind = "endpoint"
-
-    def __init__(self, url: str, model: str, *, api_key_env: str | None = None, max_tokens: int = 512,
-                 timeout: float = 60.0, max_retries: int = 4, backoff: float = 1.0, max_concurrency: int = 4,
-                 max_retry_after: float = 120.0):
-        import httpx
-
-        self.url, self.model = url.rstrip("/"), model
-        self.api_key_env, self.max_tokens, self.timeout = api_key_env, max_tokens, timeout
-        self.max_retries, self.backoff, self.max_concurrency = max_retries, backoff, max(1, max_concurrency)
-        self.max_retry_after = max_retry_after
-        self.api_key = os.environ.get(api_key_env) if api_key_env else None
-        if api_key_env and not self.api_key:
-            raise KembedError(f"judge endpoint {self.url}: environment variable {api_key_env} is not set")
-        headers = {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
-        self.http = httpx.Client(timeout=timeout, headers=headers,
-                                 limits=httpx.Limits(max_connections=self.max_concurrency))
-
-    def describe(self) -> dict:
-        """Backend, model, endpoint URL and decoding settings (never the API key)."""
-        return {"backend": "endpoint", "model": self.model, "url": self.url,
-                "decoding": {"temperature": 0, "max_tokens": self.max_tokens}}
-
-    def generate(self, prompts: list[str], done: Callable[[int, Completion], None]) -> None:
-        """Request a completion per prompt, concurrently; ``done(index, completion)`` per answer."""
-        if not prompts:
-            return
-        with ThreadPoolExecutor(max_workers=min(self.max_concurrency, len(prompts))) as pool:
-            futures = [pool.submit(lambda i=i, p=p: done(i, self.request(p))) for i, p in enumerate(prompts)]
-            try:
-                for f in futures:
-                    f.result()
-            except BaseException:
-                for f in futures:
-                    f.cancel()
-                raise
-
-    def request(self, prompt: str) -> Completion:
-        """One chat completion with retries (see the class docstring for what raises)."""
-        import httpx
-
-        endpoint = f"{self.url}/chat/completions"
-        body = {"model": self.model, "messages": [{"role": "user", "content": prompt}],
-                "temperature": 0, "max_tokens": self.max_tokens}
-        last = "no answer"
-        for k in range(self.max_retries + 1):
-            delay = self.backoff * 2 ** k
-            try:
-                r = self.http.post(endpoint, json=body)
-            except httpx.TimeoutException:
-                last = f"timeout after {self.timeout:g} s"
-            except httpx.TransportError as e:
-                last = f"connection error ({type(e).__name__}: {e})"
-            else:
-                if r.status_code == 200:
-                    return self._parse(r, endpoint)
-                last = f"HTTP {r.status_code}"
-                if r.status_code not in RETRY_STATUSES:
-                    raise KembedError(f"judge endpoint {endpoint}: HTTP {r.status_code}: {r.text[:300]}")
-                if r.status_code in (429, 503):
-                    try:
-                        delay = min(float(r.headers["retry-after"]), self.max_retry_after)
-                    except (KeyError, ValueError):
-                        pass
-            if k < self.max_retries:
-                time.sleep(max(0.0, delay))
-        raise KembedError(f"judge endpoint {endpoint}: gave up after {self.max_retries + 1} tries, last: {last}")
-
-    @staticmethod
-    def _parse(r, endpoint: str) -> Completion:
-        try:
-            data = r.json()
-            text = data["choices"][0]["message"]["content"] or ""
-        except (ValueError, KeyError, IndexError, TypeError):
-            raise KembedError(f"judge endpoint {endpoint}: answer is not a chat completion: {r.text[:300]}") from None
-        usage = data.get("usage") or {}
-        return Completion(text.strip(), int(usage.get("prompt_tokens") or 0),
-                          int(usage.get("completion_tokens") or 0))
 
 
 class JudgeClient:
@@ -232,7 +107,13 @@ class JudgeClient:
 
     @classmethod
     def endpoint(cls, url: str, model: str, *, cache_path=None, **options) -> "JudgeClient":
-        """A client on an OpenAI-compatible endpoint; ``options`` go to :class:`EndpointBackend`."""
+        """A client on an OpenAI-compatible endpoint; ``options`` go to :class:`EndpointBackend`
+        (its errors say "judge endpoint" unless ``label`` is given).
+
+        Raises:
+            KembedError: ``api_key_env`` names an environment variable that is not set.
+        """
+        options.setdefault("label", "judge endpoint")
         return cls(EndpointBackend(url, model, **options), cache_path=cache_path)
 
     @property
