@@ -477,6 +477,55 @@ def _knowledge(folder: Path, samples: list[dict] | None = None) -> dict[str, str
     return {r["id"]: r["knowledge"] for r in (samples or _samples(folder)) if "knowledge" in r}
 
 
+KNOWLEDGE_CODES = {"taught": "t", "untaught": "u", "no-answer-snippet": "n"}  # "." : not marked
+
+
+def outcomes(correct: dict[str, bool], classes: dict[str, str] | None = None, where: str = "") -> dict:
+    """The per-question outcomes of an evaluation in the compact form a results.json cell
+    carries (no question text): ``{"ids": [question ids, sorted], "correct": "0110...",
+    "knowledge": "tun."}``. ``correct`` has one ``1`` / ``0`` per id (correct under the
+    headline scorer); ``knowledge``, present only when some question has a class, one letter per
+    id: ``t`` taught, ``u`` untaught, ``n`` no answer snippet (:func:`kembed.data.answer_knowledge`),
+    ``.`` not marked.
+
+    Raises:
+        KembedError: (naming ``where``) a knowledge class that is none of those.
+    """
+    ids = sorted(correct)
+    out = {"ids": ids, "correct": "".join("1" if correct[i] else "0" for i in ids)}
+    if classes:
+        unknown = sorted({k for k in classes.values() if k not in KNOWLEDGE_CODES})
+        if unknown:
+            raise KembedError(f"{where}: unknown knowledge class {unknown[0]!r} "
+                              f"(expected one of {', '.join(KNOWLEDGE_CODES)})")
+        out["knowledge"] = "".join(KNOWLEDGE_CODES[classes[i]] if i in classes else "." for i in ids)
+    return out
+
+
+def cell_outcomes(cell: dict, where: str = "") -> tuple[dict[str, bool], dict[str, str]] | None:
+    """Decode a cell's ``outcomes`` (:func:`outcomes`): ``(question id -> correct, question id ->
+    knowledge class)``; None for a cell without them (a results.json written before cells
+    carried outcomes).
+
+    Raises:
+        KembedError: (naming ``where``) malformed outcomes: strings whose length is not the
+            number of ids, or letters outside ``01`` / ``tun.``.
+    """
+    o = cell.get("outcomes")
+    if not o:
+        return None
+    ids, correct, knowledge = o.get("ids"), o.get("correct"), o.get("knowledge")
+    letters = {v: k for k, v in KNOWLEDGE_CODES.items()}
+    if (not isinstance(ids, list) or not isinstance(correct, str) or len(correct) != len(ids)
+            or set(correct) - {"0", "1"}):
+        raise KembedError(f"{where}: outcomes: 'correct' must hold one 0/1 per id ({len(ids or [])} ids)")
+    if knowledge is not None and (not isinstance(knowledge, str) or len(knowledge) != len(ids)
+                                  or set(knowledge) - {*letters, "."}):
+        raise KembedError(f"{where}: outcomes: 'knowledge' must hold one of t/u/n/. per id ({len(ids)} ids)")
+    return ({i: c == "1" for i, c in zip(ids, correct)},
+            {i: letters[k] for i, k in zip(ids, knowledge or "") if k != "."})
+
+
 def shared_knowledge(entries: list[ModelEntry]) -> dict[tuple[str, str], dict[str, str]]:
     """(domain, evaluation label) -> the knowledge classes of the first trained run's evaluation
     that has them: what a model that was not trained (the base model) is split by, so that its
@@ -567,7 +616,14 @@ def eval_cell(folder: Path, reference: Path | None, classes: dict[str, str] | No
     same questions), the paired difference (:func:`kembed.stats.paired_accuracy`); the same on
     the taught and untaught questions (:func:`by_knowledge`, ``by_knowledge`` in the cell) by
     the folder's own knowledge classes, else by ``classes``; None when the folder holds no
-    results."""
+    results.
+
+    The cell: ``folder``, ``n``, ``accuracy``, ``ci95``, ``coverage``, ``mode``, ``format``,
+    ``model``, ``domain``, ``split``; ``outcomes``, every question's correctness and the
+    folder's own knowledge classes in compact form (:func:`outcomes`: ids, a ``0``/``1``
+    string, a ``t``/``u``/``n``/``.`` string), from which the report's statistics over seeds and
+    methods are computed without the folder; ``vs_reference``, ``by_knowledge``, ``grounded``
+    and ``grounded_vs_reference`` when they apply."""
     from kembed.stats import paired_accuracy
 
     if not (folder / "results.json").is_file():
@@ -578,12 +634,13 @@ def eval_cell(folder: Path, reference: Path | None, classes: dict[str, str] | No
             "mode": summary.get("mode"), "format": summary.get("format") or "raw", "model": summary.get("model"),
             "domain": summary.get("domain"), "split": summary.get("split")}
     samples = _samples(folder)
-    correct = _correct(folder, samples)
+    correct, own = _correct(folder, samples), _knowledge(folder, samples)
+    cell["outcomes"] = outcomes(correct, own, str(folder / "samples.jsonl"))
     ref = _correct(reference) if reference is not None and reference != folder and \
         (reference / "samples.jsonl").is_file() else None
     if ref is not None:
         cell["vs_reference"] = paired_accuracy(correct, ref)
-    classes = _knowledge(folder, samples) or classes
+    classes = own or classes
     if classes:
         cell["by_knowledge"] = by_knowledge(correct, ref, classes)
     judged = rationality(folder)
@@ -844,14 +901,41 @@ def _runs_by_method(rows: list[dict], domain: str, label: str) -> dict[str, list
     return out
 
 
+def _decoded(rows: list[dict], domain: str, label: str) -> dict[str, list[tuple[dict, dict]]]:
+    """:func:`_runs_by_method` with each cell's decoded outcomes (:func:`cell_outcomes`); a
+    method with a cell without outcomes (carried from an older results.json) is left out."""
+    out = {}
+    for method, cells in _runs_by_method(rows, domain, label).items():
+        decoded = [cell_outcomes(c, f"results row {domain} {method}, {label}") for c in cells]
+        if all(d is not None for d in decoded):
+            out[method] = decoded
+    return out
+
+
+def without_outcomes(rows: list[dict], labels: list[str]) -> list[str]:
+    """``"<domain> <name> (<label>)"`` of every evaluation cell that carries no ``outcomes``
+    (rows carried from a results.json written before cells carried them): what
+    :func:`seed_summary` and :func:`method_ranking` leave out."""
+    return [f"{r['domain']} {r['name']} ({label})" for r in rows for label in labels
+            if r["evals"].get(label) and not r["evals"][label].get("outcomes")]
+
+
 def seed_summary(rows: list[dict], labels: list[str]) -> list[dict]:
     """Per domain, method and evaluation, the accuracy over training seeds against the base
     model, with the two-level bootstrap (:func:`kembed.stats.seeds_accuracy`: seeds, then
-    questions), on all questions and on the taught and untaught ones.
+    questions), on all questions and on the taught and untaught ones (the classes of the
+    method's first run that carries outcomes).
+
+    Reads only the rows: each cell's ``outcomes`` (:func:`eval_cell`), never a folder. A method
+    with a cell without outcomes, or a domain whose base cell has none, is left out
+    (:func:`without_outcomes` lists them).
 
     Returns:
         Dicts ``{"domain", "method", "evaluation", "seeds", "mean", "sd", "min", "max", "diff",
         "ci95", "taught": {"n", "mean", "diff", "ci95"} | None, "untaught": ...}``, fractions.
+
+    Raises:
+        KembedError: a cell's outcomes are malformed.
     """
     from kembed.data import TAUGHT, UNTAUGHT
     from kembed.stats import seeds_accuracy
@@ -859,15 +943,15 @@ def seed_summary(rows: list[dict], labels: list[str]) -> list[dict]:
     out = []
     for domain in dict.fromkeys(r["domain"] for r in rows):
         for label in labels:
-            runs = _runs_by_method(rows, domain, label)
+            runs = _decoded(rows, domain, label)
             if "base" not in runs:
                 continue
-            base = [_correct(Path(c["folder"])) for c in runs["base"]]
-            classes = next((_knowledge(Path(c["folder"])) for m, cs in runs.items() if m != "base" for c in cs), {})
+            base = [correct for correct, _ in runs["base"]]
+            classes = next((k for m, cs in runs.items() if m != "base" for _, k in cs), {})
             for method, cells in runs.items():
                 if method == "base":
                     continue
-                correct = [_correct(Path(c["folder"])) for c in cells]
+                correct = [c for c, _ in cells]
                 whole = seeds_accuracy(correct, base)
                 entry = {"domain": domain, "method": method, "evaluation": label, "seeds": whole["seeds"],
                          "mean": whole["mean"], "sd": whole["sd"], "min": min(whole["accuracies"]),
@@ -886,16 +970,22 @@ def method_ranking(rows: list[dict], label: str) -> list[dict]:
     accuracy over seeds with the two-level bootstrap CI (:func:`kembed.stats.seeds_bootstrap_diff`)
     on the questions all their runs share; ``decided`` when the interval excludes zero.
 
+    Reads only the rows' ``outcomes`` (:func:`eval_cell`); a method with a cell without them is
+    left out (:func:`without_outcomes`).
+
     Returns:
         Dicts ``{"domain", "a", "b", "diff", "ci95", "decided"}`` (diff = a - b, fractions),
         ``a`` the method with the higher mean.
+
+    Raises:
+        KembedError: a cell's outcomes are malformed.
     """
     from kembed.stats import seeds_bootstrap_diff
 
     out = []
     for domain in dict.fromkeys(r["domain"] for r in rows):
-        runs = {m: [_correct(Path(c["folder"])) for c in cells]
-                for m, cells in _runs_by_method(rows, domain, label).items() if m != "base"}
+        runs = {m: [correct for correct, _ in cells] for m, cells in _decoded(rows, domain, label).items()
+                if m != "base"}
         methods = list(runs)
         for i, a in enumerate(methods):
             for b in methods[i + 1:]:
@@ -977,29 +1067,144 @@ def git_commit() -> str | None:
         return None
 
 
+def _domain_of(label: str, domains: list[str]) -> str | None:
+    """The domain a step label (``"<domain> <model>: <step>"``) belongs to; None for a tuning
+    step or another label."""
+    return next((d for d in domains if label.startswith(f"{d} ")), None)
+
+
+def carry_over(suite: Suite, earlier: Path, rows: list[dict], invocations: list[dict], step_times: list[dict],
+               failures: list[dict], pending: list[str] | None) -> dict:
+    """Merge what an earlier report of the suite (``earlier``, its committed ``results.json``)
+    holds with what this bench's output folder gave, so that invocations one domain at a time,
+    each on a fresh machine whose output folder is gone by the next, add up to one report.
+
+    A domain of the suite with no row in ``rows`` but rows in ``earlier`` is carried over: its
+    rows, each marked ``carried_from: {"commit", "date"}`` (of the earlier report, or the mark it
+    already had), its step records (``bench-steps.jsonl`` records, when this output folder has
+    none of that domain), failures and pending steps. A domain with rows in both keeps this
+    folder's rows. The earlier report's invocations that this folder's log lacks (by
+    ``started``) are kept, each with its ``commit`` (the earlier report's when it has none), and
+    so are its tuning step records when no invocation is shared (another output folder), or
+    when they were carried over already. Carried
+    rows are read as they are: their folders are never opened.
+
+    Returns:
+        ``{"rows", "invocations", "steps", "failures", "pending", "domains": {domain: carried_from},
+        "ignored": None or why ``earlier`` was not used}``; rows in the suite's domain order,
+        invocations by start time.
+
+    Raises:
+        KembedError: ``earlier`` is not valid JSON, or a row in it lacks ``domain`` or ``evals``.
+    """
+    merged = {"rows": rows, "invocations": invocations, "steps": step_times, "failures": failures,
+              "pending": pending, "domains": {}, "ignored": None}
+    if not earlier.is_file():
+        return merged
+    try:
+        old = json.loads(earlier.read_text())
+    except json.JSONDecodeError as e:
+        raise KembedError(f"{earlier}: invalid JSON at line {e.lineno}: {e.msg} (fix or move it to write the "
+                          "report)") from None
+    if not isinstance(old, dict) or old.get("suite") != suite.name:
+        merged["ignored"] = f"{earlier} is not a report of suite {suite.name}; nothing carried over from it"
+        return merged
+    for i, r in enumerate(old.get("rows") or []):
+        if not isinstance(r, dict) or not isinstance(r.get("domain"), str) or not isinstance(r.get("evals"), dict):
+            raise KembedError(f"{earlier}: rows[{i}]: expected an object with 'domain' and 'evals'")
+    stamp = {"commit": old.get("commit"), "date": old.get("date")}
+    present = {r["domain"] for r in rows}
+    carried = [{**r, "carried_from": r.get("carried_from") or stamp} for r in old.get("rows") or []
+               if r["domain"] in suite.domains and r["domain"] not in present]
+    domains = {r["domain"]: r["carried_from"] for r in reversed(carried)}  # the first row's mark
+    order = {d: i for i, d in enumerate(suite.domains)}
+    merged["rows"] = sorted([*rows, *carried], key=lambda r: order.get(r["domain"], len(order)))
+    merged["domains"] = {d: domains[d] for d in suite.domains if d in domains}
+
+    started = {i.get("started") for i in invocations}
+    before = old.get("invocations") or []
+    shared = any(i.get("started") in started for i in before)
+    kept = [{**i, "commit": i.get("commit") or old.get("commit")} for i in before if i.get("started") not in started]
+    merged["invocations"] = sorted([*kept, *invocations], key=lambda i: i.get("started") or "")
+
+    stepped = {_domain_of(str(s.get("step", "")), suite.domains) for s in step_times}
+    merged["steps"] = [*step_times, *({**s, "carried_from": s.get("carried_from") or stamp}
+                                      for s in old.get("steps") or []
+                                      if (d := _domain_of(str(s.get("step", "")), suite.domains)) in domains
+                                      and d not in stepped or str(s.get("step", "")).startswith("tune ")
+                                      and (not shared or s.get("carried_from")))]
+    merged["failures"] = [*failures, *({**f, "carried_from": f.get("carried_from") or stamp}
+                                       for f in old.get("failures") or []
+                                       if _domain_of(str(f.get("step", "")), suite.domains) in domains)]
+    waiting = [p for p in old.get("pending") or [] if _domain_of(p, suite.domains) in domains]
+    merged["pending"] = [*(pending or []), *waiting] if waiting else pending
+    return merged
+
+
+def _results_json(obj: dict) -> str:
+    """``obj`` as indented JSON with each ``outcomes`` object on one line (its ids would
+    otherwise take a line each)."""
+    blocks: list[str] = []
+
+    def walk(x):
+        if isinstance(x, dict):
+            out = {}
+            for k, v in x.items():
+                if k == "outcomes" and isinstance(v, dict):
+                    blocks.append(json.dumps(v, ensure_ascii=False))
+                    out[k] = f"\0outcomes-{len(blocks) - 1}\0"
+                else:
+                    out[k] = walk(v)
+            return out
+        return [walk(v) for v in x] if isinstance(x, list) else x
+
+    text = json.dumps(walk(obj), indent=2, ensure_ascii=False)
+    return re.sub(r'"\\u0000outcomes-(\d+)\\u0000"', lambda m: blocks[int(m.group(1))], text) + "\n"
+
+
 def write_report(suite: Suite, rows: list[dict], failures: list[dict], results_dir: Path, invocations: list[dict],
                  step_times: list[dict] | None = None, pending: list[str] | None = None) -> Path:
     """``results.json``, ``results.md`` and the plots of a suite into ``results_dir``;
     ``step_times``: the ``bench-steps.jsonl`` records, for the time breakdown; ``pending``: the
-    labels of steps not finished yet (a report written while the bench is incomplete)."""
-    from kembed.runs import cpu_model, write_atomic, write_json
+    labels of steps not finished yet (a report written while the bench is incomplete).
+
+    ``results.json`` holds: ``suite``, ``description``, ``command``, ``date``, ``commit`` and
+    ``machine`` of this report; ``invocations`` (every bench invocation's record: ``started``,
+    ``seconds``, ``domains``, ``jobs``, ``steps_run``, ``finished`` and, in records written since
+    they carry them, ``commit``, ``command`` and ``machine``) and ``bench_seconds``, their
+    total; ``rows`` (:func:`model_row`: per model its cells, :func:`eval_cell`, whose
+    ``outcomes`` give every question's correctness and knowledge class in compact form,
+    :func:`outcomes`; a row carried over from an earlier report, :func:`carry_over`, has
+    ``carried_from: {"commit", "date"}`` and a ``folder`` that need not exist); ``carried``
+    (domain -> that mark); ``over_seeds`` (:func:`seed_summary`) and ``ranking``
+    (:func:`method_ranking`), from the rows' outcomes alone; ``without_outcomes``
+    (:func:`without_outcomes`: cells these leave out); ``steps`` and ``time_breakdown``;
+    ``scorer``, ``failures``, ``pending``. Nothing here reads an
+    evaluation folder: a report can be written from rows alone."""
+    from kembed.runs import cpu_model, write_atomic
 
     labels = [s.label for s in suite.evals]
     results_dir.mkdir(parents=True, exist_ok=True)
+    carried = {r["domain"]: r["carried_from"] for r in reversed(rows) if r.get("carried_from")}
+    carried = {d: carried[d] for d in dict.fromkeys(r["domain"] for r in rows) if d in carried}
     meta = {"suite": suite.name, "description": suite.description, "command": f"kembed bench {suite.name}",
             "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "commit": git_commit(),
             "machine": f"{cpu_model()} ({platform.machine()}), {__import__('os').cpu_count()} CPU cores, {platform.system()}",
-            "bench_seconds": round(sum(i["seconds"] for i in invocations), 1), "invocations": invocations,
-            "scorer": SCORER, "failures": failures, "pending": pending or []}
+            "bench_seconds": round(sum(i.get("seconds") or 0 for i in invocations), 1), "invocations": invocations,
+            "scorer": SCORER, "failures": failures, "pending": pending or [], "carried": carried}
     summary, ranking = seed_summary(rows, labels), method_ranking(rows, labels[0])
+    missing = without_outcomes(rows, labels)
     times = time_breakdown(step_times or [])
-    write_json(results_dir / "results.json", {**meta, "rows": rows, "over_seeds": summary, "ranking": ranking,
-                                              "steps": step_times or [], "time_breakdown": times})
+    write_atomic(results_dir / "results.json", _results_json(
+        {**meta, "rows": rows, "over_seeds": summary, "ranking": ranking, "without_outcomes": missing,
+         "steps": step_times or [], "time_breakdown": times}))
     plots = plot(rows, labels, results_dir)
+    commits = list(dict.fromkeys(i["commit"] for i in invocations if i.get("commit")))
     lines = [f"# Benchmark suite `{suite.name}`", "", suite.description, "",
              f"- command: `{meta['command']}` (`make bench` for the quick suite: `--jobs 2`); "
              f"{len(invocations)} invocation(s) ({sum(not i.get('finished', True) for i in invocations)} interrupted "
-             f"and resumed), {meta['bench_seconds'] / 60:.0f} min of bench wall time in all",
+             f"and resumed), {meta['bench_seconds'] / 60:.0f} min of bench wall time in all"
+             + (f"; the invocations ran at commit(s) {', '.join(commits)}" if commits else ""),
              f"- date: {meta['date']}; commit: {meta['commit']}; machine: {meta['machine']}",
              f"- accuracy: `{SCORER}` option scoring on the {suite.split} split; 95% CIs bootstrap over questions; "
              "\"vs base\": the paired difference to the base model on the same questions (paired bootstrap 95% CI) "
@@ -1009,6 +1214,11 @@ def write_report(suite: Suite, rows: list[dict], failures: list[dict], results_d
              "its Wilson 95% CI",
              "- these intervals cover the choice of questions, not variation between training seeds "
              "(`kembed bench SUITE --seeds K` trains K seeds per method)"]
+    if carried:
+        lines.append("- carried over from earlier invocations (their runs are not in this bench's output folder; "
+                     "rows as the earlier report gave them): "
+                     + "; ".join(f"{d} (report of commit {m.get('commit')}, {m.get('date')})"
+                                 for d, m in carried.items()))
     if pending:
         lines.append(f"- **partial**: {len(pending)} step(s) not finished yet, so the models they train or score "
                      f"are missing or incomplete below: {'; '.join(pending)}")
@@ -1027,7 +1237,10 @@ def write_report(suite: Suite, rows: list[dict], failures: list[dict], results_d
             lines += summary_lines(method, result)
     for domain in dict.fromkeys(r["domain"] for r in rows):
         header, body = table_cells([r for r in rows if r["domain"] == domain], labels)
-        lines += [f"## {domain}", "", markdown_table(header, body), ""]
+        mark = carried.get(domain)
+        heading = f"## {domain}" + (f" (carried over: commit {mark.get('commit')}, {mark.get('date')})"
+                                    if mark else "")
+        lines += [heading, "", markdown_table(header, body), ""]
         significant = [f"{r['name']} ({label}: {100 * c['vs_reference']['diff']:+.1f} pp, p = {_p(c['vs_reference']['p_value'])})"
                        for r in rows if r["domain"] == domain for label, c in r["evals"].items()
                        if c and c.get("vs_reference") and c["vs_reference"]["p_value"] < 0.05]
@@ -1040,6 +1253,10 @@ def write_report(suite: Suite, rows: list[dict], failures: list[dict], results_d
                   "that resamples seeds, then questions. Taught: test questions whose gold answer is in the "
                   "training records' knowledge snippets; untaught: in their own snippets, none trained on.", "",
                   markdown_table(*seed_table(summary)), ""]
+    if missing:
+        lines += ["Left out of the statistics over seeds and the rankings: cells carried over from a results.json "
+                  "written before cells kept their per-question outcomes (re-run those domains to include them): "
+                  + "; ".join(missing), ""]
     if ranking:
         decided = [f"{e['a']} > {e['b']} ({e['domain']}, {100 * e['diff']:+.1f} pp "
                    f"[{100 * e['ci95'][0]:+.1f}, {100 * e['ci95'][1]:+.1f}])" for e in ranking if e["decided"]]
@@ -1048,11 +1265,14 @@ def write_report(suite: Suite, rows: list[dict], failures: list[dict], results_d
     if times:
         lines += ["## Where the time goes", "", "Wall seconds of the bench's steps per model (as run here, with "
                   "the step's threads; a step run again after an interruption counts again) and the peak resident "
-                  "memory of a step's largest process.", "", markdown_table(*breakdown_table(times)), ""]
+                  "memory of a step's largest process"
+                  + ("; a carried-over domain's steps as its own invocation ran them." if carried else "."),
+                  "", markdown_table(*breakdown_table(times)), ""]
     lines += [f"![{p.stem}]({p.name})" for p in plots] + [""]
     if failures:
         lines += ["## Failures", ""] + [f"- {f['step']}: " + (f"exit {f['returncode']}" if "returncode" in f
-                                                          else f"skipped, {f['blocked_by']} failed") for f in failures]
+                                                          else f"skipped, {f['blocked_by']} failed")
+                                     + (" (carried over)" if f.get("carried_from") else "") for f in failures]
     write_atomic(results_dir / "results.md", "\n".join(lines) + "\n")
     return results_dir / "results.md"
 
@@ -1066,16 +1286,21 @@ def run_suite(suite: Suite, *, out: Path, results_dir: Path, seeds: int | None =
     in ``out`` (another invocation may still be running) and lists the steps not finished yet.
 
     ``domains`` runs only those domains' steps (and the tuning grid they need); the report
-    still covers every domain with results in ``out``, so that invocations one domain at a time
-    merge into one results.json and results.md.
+    still covers every domain with results in ``out``, and every other domain of the suite that
+    the existing ``results_dir/results.json`` has rows of (:func:`carry_over`: rows, step times,
+    invocations), so that invocations one domain at a time merge into one results.json and
+    results.md even when each runs on a fresh machine with an empty ``out``.
 
     Every invocation keeps a record in ``out/bench-invocations.jsonl`` (start, wall seconds so
-    far, steps run, whether it finished), updated after each step, so that the report states the
-    total over resumed invocations, an interrupted one included up to its last finished step.
+    far, steps run, whether it finished, its commit, command line and machine), updated after
+    each step, so that the report states the total over resumed invocations, an interrupted one
+    included up to its last finished step.
     """
+    import os
+
     from rich.console import Console
 
-    from kembed.runs import write_atomic
+    from kembed.runs import cpu_model, write_atomic
 
     console = console or Console()
     steps, models = plan(suite, out, seeds, data_dir)
@@ -1097,8 +1322,12 @@ def run_suite(suite: Suite, *, out: Path, results_dir: Path, seeds: int | None =
     out.mkdir(parents=True, exist_ok=True)
     earlier = log.read_text().splitlines() if log.is_file() else []
     start = time.time()
+    command = " ".join([f"kembed bench {suite.name}", *([f"--domains {','.join(domains)}"] if domains else []),
+                        *([f"--seeds {seeds}"] if seeds else []), *([f"--jobs {jobs}"] if jobs > 1 else [])])
     record = {"started": datetime.fromtimestamp(start, timezone.utc).isoformat(timespec="seconds"), "jobs": jobs,
-              "domains": domains or suite.domains, "seconds": 0.0, "steps_run": 0, "finished": False}
+              "domains": domains or suite.domains, "seconds": 0.0, "steps_run": 0, "finished": False,
+              "commit": git_commit(), "command": command,
+              "machine": f"{cpu_model()} ({platform.machine()}), {os.cpu_count()} CPU cores"}
 
     def save(step_ran: bool = True) -> None:
         record["seconds"] = round(time.time() - start, 1)
@@ -1115,10 +1344,19 @@ def run_suite(suite: Suite, *, out: Path, results_dir: Path, seeds: int | None =
 
 def _report(suite: Suite, models, out: Path, results_dir: Path, invocations: list[dict], failures: list[dict],
             pending: list[str] | None, console) -> Path:
-    """Collect what has finished in ``out``, write the report and print its tables."""
+    """Collect what has finished in ``out``, carry over the other domains of the existing
+    ``results_dir/results.json`` (:func:`carry_over`), write the report and print its tables."""
     rows = [r for r in collect(models) if any(r["evals"].values())]  # domains not run yet are left out
     step_times = read_jsonl(out / "bench-steps.jsonl", missing_ok=True)
-    report = write_report(suite, rows, failures, results_dir, invocations, step_times, pending)
+    merged = carry_over(suite, results_dir / "results.json", rows, invocations, step_times, failures, pending)
+    if merged["ignored"]:
+        console.print(f"[yellow]note[/] {merged['ignored']}")
+    for domain, mark in merged["domains"].items():
+        console.print(f"{domain}: carried over from the earlier report (commit {mark.get('commit')}, "
+                      f"{mark.get('date')})", highlight=False)
+    rows = merged["rows"]
+    report = write_report(suite, rows, merged["failures"], results_dir, merged["invocations"], merged["steps"],
+                          merged["pending"])
     labels = [s.label for s in suite.evals]
     for domain in dict.fromkeys(r["domain"] for r in rows):
         console.print(console_tables([r for r in rows if r["domain"] == domain], labels, f"{suite.name}: {domain}"))

@@ -19,16 +19,19 @@ def invoke(*args):
     return runner.invoke(app, [str(a) for a in args], catch_exceptions=False)
 
 
-def write_evaluation(folder, model, correct, explanations=None, mode="closed-book"):
+def write_evaluation(folder, model, correct, explanations=None, mode="closed-book", knowledge=None):
     """An evaluation directory as `kembed eval` writes it, for the toy test split: record i is
-    answered correctly when ``correct[i]``; ``explanations``: record index -> text saved with it."""
+    answered correctly when ``correct[i]``; ``explanations``: record index -> text saved with it;
+    ``knowledge``: record i's knowledge class (as `kembed eval` marks a trained run's samples)."""
     folder.mkdir(parents=True)
     records = load_records("current-events", "test")
     samples = []
     for i, (record, ok) in enumerate(zip(records, correct)):
         predicted = record.answer_index if ok else (record.answer_index + 1) % len(record.options)
         sample = {"id": record.id, "gold": record.answer_index, "predicted": {"token_mean": predicted},
-                  "correct": {"token_mean": ok}}
+                  "correct": {"token_mean": bool(ok)}}
+        if knowledge:
+            sample["knowledge"] = knowledge[i]
         if explanations and i in explanations:
             sample["explanation"] = {"prompt": "p", "text": explanations[i]}
         samples.append(sample)
@@ -172,6 +175,10 @@ def test_bench_runs_a_suite_and_resumes(data_dir, tiny_model_dir, tmp_path):
     sft = report["rows"][1]
     assert set(sft["evals"]) == {"closed-book-raw", "retrieved-context-chat"}
     assert "vs_reference" in sft["evals"]["closed-book-raw"] and sft["training_seconds"] is not None
+    cell = sft["evals"]["closed-book-raw"]  # its outcomes: per question, no question text
+    assert len(cell["outcomes"]["ids"]) == len(cell["outcomes"]["correct"]) == len(cell["outcomes"]["knowledge"]) \
+        == cell["n"]
+    assert report["invocations"][0]["command"] == "kembed bench mini" and "commit" in report["invocations"][0]
     assert (results / "accuracy.png").is_file() and "| sft |" in (results / "results.md").read_text()
     times = {r["model"]: r for r in report["time_breakdown"]}  # every step's wall time and peak memory
     assert times["current-events sft"]["training"] > 0 and times["current-events sft"]["max_rss_mb"] > 100
@@ -277,3 +284,199 @@ def test_shipped_suites_plan(name, tmp_path):
     grid = len(suite.tune.lr_scales) * len(suite.tune.epoch_scales) if suite.tune else 0
     assert sum(s.label.startswith("tune ") for s in steps) == len(suite.methods) * grid
     assert {m.domain for m in models} == set(suite.domains)
+
+
+# ---------------------------------------------------------------------------------------------
+# the report from rows alone: per-question outcomes in the cells, domains carried over
+
+KNOW = ["taught", "taught", "untaught", "no-answer-snippet"]  # the classes of the 4 toy test questions
+RUNS = {"base": [[False, True, False, False]], "sft": [[True, True, False, False], [True, False, True, False]],
+        "cpt": [[True, True, True, False]]}  # per method, per seed: the 4 questions' correctness
+
+
+def fake_models(out, domain, runs=RUNS):
+    """ModelEntry's of one domain with their closed-book evaluation folders in ``out`` (as the
+    bench lays them out); a method of several seeds is named ``<method> (seed <s>)``."""
+    from kembed.bench import ModelEntry
+
+    models = []
+    for method, seeds in runs.items():
+        for seed, correct in enumerate(seeds, 1):
+            name = method if len(seeds) == 1 else f"{method} (seed {seed})"
+            folder = out / domain / f"{method}-s{seed}" / "eval-test-closed-book-raw"
+            if correct is not None:
+                write_evaluation(folder, name, correct, knowledge=None if method == "base" else KNOW)
+            models.append(ModelEntry(domain, name, None if method == "base" else method,
+                                     None if method == "base" else seed, name, None, {"closed-book-raw": folder}))
+    return models
+
+
+def summary_from_folders(rows, label):
+    """seed_summary and method_ranking as they were computed before cells carried outcomes: from
+    each cell's samples.jsonl (the first trained run's knowledge classes split the questions)."""
+    from kembed.stats import seeds_accuracy, seeds_bootstrap_diff
+
+    def read(cell):
+        samples = [json.loads(line) for line in open(f"{cell['folder']}/samples.jsonl")]
+        return ({s["id"]: s["correct"]["token_mean"] for s in samples},
+                {s["id"]: s["knowledge"] for s in samples if "knowledge" in s})
+
+    summary, ranking = [], []
+    for domain in dict.fromkeys(r["domain"] for r in rows):
+        runs = {}
+        for r in rows:
+            if r["domain"] == domain and r["evals"].get(label):
+                runs.setdefault(r["method"] or "base", []).append(read(r["evals"][label]))
+        base = [c for c, _ in runs["base"]]
+        classes = next(k for m, cs in runs.items() if m != "base" for _, k in cs)
+        trained = {m: [c for c, _ in cs] for m, cs in runs.items() if m != "base"}
+        for method, correct in trained.items():
+            whole = seeds_accuracy(correct, base)
+            entry = {"domain": domain, "method": method, "evaluation": label, "seeds": whole["seeds"],
+                     "mean": whole["mean"], "sd": whole["sd"], "min": min(whole["accuracies"]),
+                     "max": max(whole["accuracies"]), "diff": whole["diff"], "ci95": whole["ci95"]}
+            for kind in ("taught", "untaught"):
+                ids = {i for i, k in classes.items() if k == kind}
+                part = seeds_accuracy([{i: v for i, v in c.items() if i in ids} for c in correct],
+                                      [{i: v for i, v in b.items() if i in ids} for b in base])
+                entry[kind] = {k: part[k] for k in ("n", "mean", "diff", "ci95")}
+            summary.append(entry)
+        methods = list(trained)
+        for i, a in enumerate(methods):
+            for b in methods[i + 1:]:
+                ids = sorted(set.intersection(*(set(c) for c in [*trained[a], *trained[b]])))
+                d = seeds_bootstrap_diff([[c[q] for q in ids] for c in trained[a]],
+                                         [[c[q] for q in ids] for c in trained[b]])
+                diff, (lo, hi) = d["diff"], d["ci95"]
+                if diff < 0:
+                    a, b, diff, lo, hi = b, a, -diff, -hi, -lo
+                ranking.append({"domain": domain, "a": a, "b": b, "diff": diff, "ci95": [lo, hi],
+                                "decided": lo > 0 or hi < 0})
+    return summary, ranking
+
+
+def test_seed_summary_and_ranking_from_outcomes_equal_the_folders(data_dir, tmp_path):
+    import shutil
+
+    from kembed.bench import collect, method_ranking, seed_summary
+    from kembed.errors import KembedError
+
+    rows = collect(fake_models(tmp_path / "out", "current-events"))
+    sft = rows[1]["evals"]["closed-book-raw"]["outcomes"]
+    ids = sorted(r.id for r in load_records("current-events", "test"))
+    order = [r.id for r in load_records("current-events", "test")]  # record i's id: KNOW[i], RUNS[..][i]
+    assert sft["ids"] == ids and sft["correct"] == "".join("1" if RUNS["sft"][0][order.index(i)] else "0" for i in ids)
+    assert sft["knowledge"] == "".join(KNOW[order.index(i)][0] for i in ids)
+    assert "knowledge" not in rows[0]["evals"]["closed-book-raw"]["outcomes"]  # the base model's samples have none
+    expected = summary_from_folders(rows, "closed-book-raw")
+
+    shutil.rmtree(tmp_path / "out")  # from here on, only the rows: as a carried results.json holds them
+    rows = json.loads(json.dumps(rows))
+    summary, ranking = seed_summary(rows, ["closed-book-raw"]), method_ranking(rows, "closed-book-raw")
+    assert (summary, ranking) == expected
+    by_method = {e["method"]: e for e in summary}
+    assert by_method["sft"]["seeds"] == 2 and by_method["sft"]["mean"] == 0.5 and by_method["cpt"]["diff"] == 0.5
+    assert by_method["sft"]["taught"]["n"] == 2 and by_method["sft"]["untaught"]["n"] == 1
+    assert [(e["a"], e["b"]) for e in ranking] == [("cpt", "sft")] and ranking[0]["diff"] == 0.25
+
+    rows[1]["evals"]["closed-book-raw"]["outcomes"]["correct"] = "01"  # 2 letters for 4 ids
+    with pytest.raises(KembedError, match="current-events sft, closed-book-raw: outcomes"):
+        seed_summary(rows, ["closed-book-raw"])
+
+
+def report(suite, models, out, results, started, seconds):
+    """Write the report of ``models`` (what ``out`` holds) into ``results`` as one invocation
+    started at ``started`` would; returns results.json."""
+    import io
+
+    from rich.console import Console
+
+    from kembed.bench import _report
+
+    invocation = {"started": started, "jobs": 1, "domains": [models[0].domain], "seconds": seconds,
+                  "steps_run": 1, "finished": True, "commit": f"c-{started[:10]}"}
+    _report(suite, models, out, results, [invocation], [], None, Console(file=io.StringIO()))
+    return json.loads((results / "results.json").read_text())
+
+
+def two_domain_suite():
+    from kembed.bench import Suite
+
+    return Suite.model_validate({"name": "mini", "domains": ["current-events", "legal"], "methods": ["sft", "cpt"],
+                                 "evals": [{"mode": "closed-book", "explain": False}]})
+
+
+def test_a_report_of_one_domain_carries_over_the_domains_reported_before(data_dir, tmp_path):
+    import shutil
+
+    suite, results = two_domain_suite(), tmp_path / "results"
+    out_a, out_b = tmp_path / "out-a", tmp_path / "out-b"
+    models = fake_models(out_a, "current-events")
+    (out_a / "bench-steps.jsonl").write_text(
+        json.dumps({"step": "tune current-events sft (lr x1): train", "seconds": 7.0, "max_rss_mb": 300}) + "\n"
+        + json.dumps({"step": "current-events cpt: train", "seconds": 5.0, "max_rss_mb": 200}) + "\n")
+    first = report(suite, models, out_a, results, "2026-01-01T00:00:00+00:00", 60.0)
+    assert {r["domain"] for r in first["rows"]} == {"current-events"} and first["carried"] == {}
+    shutil.rmtree(out_a)  # the next session runs on a fresh machine: only results/ was committed
+
+    # --domains legal: the plan still lists current-events' models, whose folders are not in out-b
+    models = fake_models(out_b, "current-events", {m: [None] * len(s) for m, s in RUNS.items()}) + \
+        fake_models(out_b, "legal", {"base": [[True, False, False, False]], "sft": [[True, True, True, True]]})
+    (out_b / "bench-steps.jsonl").write_text(json.dumps({"step": "legal sft: train", "seconds": 3.0,
+                                                         "max_rss_mb": 100}) + "\n")
+    second = report(suite, models, out_b, results, "2026-01-02T00:00:00+00:00", 30.0)
+    mark = {"commit": first["commit"], "date": first["date"]}
+    assert [(r["domain"], r["name"], r.get("carried_from")) for r in second["rows"]] == [
+        ("current-events", "base", mark), ("current-events", "sft (seed 1)", mark),
+        ("current-events", "sft (seed 2)", mark), ("current-events", "cpt", mark),
+        ("legal", "base", None), ("legal", "sft", None)]
+    assert second["carried"] == {"current-events": mark}
+    assert [(i["started"][:10], i["commit"]) for i in second["invocations"]] == [
+        ("2026-01-01", "c-2026-01-01"), ("2026-01-02", "c-2026-01-02")] and second["bench_seconds"] == 90.0
+    assert [e for e in second["over_seeds"] if e["domain"] == "current-events"] == first["over_seeds"]
+    assert [e["method"] for e in second["over_seeds"] if e["domain"] == "legal"] == ["sft"]
+    assert second["ranking"] == first["ranking"]  # legal has one trained method: no pair
+    times = {r["model"]: r for r in second["time_breakdown"]}
+    assert times["current-events cpt"]["training"] == 5.0 and times["legal sft"]["training"] == 3.0
+    assert times["sft (tuning)"]["tuning"] == 7.0
+    md = (results / "results.md").read_text()
+    assert f"## current-events (carried over: commit {first['commit']}, {first['date']})" in md
+    assert "carried over from earlier invocations" in md and "## legal\n" in md and "| sft (seed 2) |" in md
+    assert "2 invocation(s)" in md and (results / "accuracy.png").stat().st_size > 0
+
+    # a third session re-runs current-events: its own rows replace the carried ones, legal is carried
+    out_c = tmp_path / "out-c"
+    models = fake_models(out_c, "current-events", {"base": [[True, True, True, True]], "sft": [[True] * 4]})
+    third = report(suite, models, out_c, results, "2026-01-03T00:00:00+00:00", 10.0)
+    assert [(r["domain"], r["name"], bool(r.get("carried_from"))) for r in third["rows"]] == [
+        ("current-events", "base", False), ("current-events", "sft", False), ("legal", "base", True),
+        ("legal", "sft", True)]
+    assert third["rows"][2]["carried_from"] == {"commit": second["commit"], "date": second["date"]}
+    assert len(third["invocations"]) == 3 and third["bench_seconds"] == 100.0
+    assert "sft (tuning)" in {r["model"] for r in third["time_breakdown"]}  # carried again, not lost
+
+
+def test_a_results_json_without_outcomes_is_carried_into_tables_only(data_dir, tmp_path):
+    suite, results = two_domain_suite(), tmp_path / "results"
+    report(suite, fake_models(tmp_path / "out-a", "current-events"), tmp_path / "out-a", results,
+           "2026-01-01T00:00:00+00:00", 60.0)
+    old = json.loads((results / "results.json").read_text())  # as written before cells kept outcomes
+    for r in old["rows"]:
+        for c in r["evals"].values():
+            del c["outcomes"]
+    for key in ("carried", "without_outcomes"):
+        del old[key]
+    for i in old["invocations"]:
+        del i["commit"]
+    (results / "results.json").write_text(json.dumps(old))
+
+    legal = fake_models(tmp_path / "out-b", "legal", {"base": [[True, False, False, False]],
+                                                      "sft": [[True, True, True, True]], "cpt": [[True] * 4]})
+    new = report(suite, legal, tmp_path / "out-b", results, "2026-01-02T00:00:00+00:00", 30.0)
+    assert [r["domain"] for r in new["rows"]] == ["current-events"] * 4 + ["legal"] * 3
+    assert {e["domain"] for e in new["over_seeds"]} == {"legal"} and {e["domain"] for e in new["ranking"]} == {"legal"}
+    assert new["without_outcomes"] == [f"current-events {n} (closed-book-raw)"
+                                       for n in ("base", "sft (seed 1)", "sft (seed 2)", "cpt")]
+    assert new["invocations"][0]["commit"] == old["commit"]  # an old invocation gets its report's commit
+    md = (results / "results.md").read_text()
+    assert "| sft (seed 1) |" in md and "Left out of the statistics over seeds" in md
