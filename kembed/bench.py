@@ -177,7 +177,8 @@ class ModelEntry:
     retention: dict[str, Path] = field(default_factory=dict)  # other domain -> its closed-book evaluation
 
 
-def plan(suite: Suite, out: Path, seeds: int | None = None, data_dir: str | None = None) -> tuple[list[Step], list[ModelEntry]]:
+def plan(suite: Suite, out: Path, seeds: int | None = None, data_dir: str | None = None,
+         carried_tuning: dict[str, dict] | None = None) -> tuple[list[Step], list[ModelEntry]]:
     """The steps of a suite and the models they produce.
 
     Args:
@@ -185,6 +186,10 @@ def plan(suite: Suite, out: Path, seeds: int | None = None, data_dir: str | None
             ``out/<domain>/base/``).
         seeds: train this many seeds per method (the recipe's seed and the next ones),
             overriding the suite's ``seeds``.
+        carried_tuning: method -> a tuning selection an earlier report holds (:func:`earlier_tuning`);
+            a method whose grid it matches (same ``grid`` key: recipe, overrides, tuning
+            block) is not tuned again, so that a later session trains the selected
+            configuration without re-running the grid.
 
     Raises:
         ConfigError: (one line, naming the suite) an unknown domain, or one without the suite's
@@ -257,7 +262,8 @@ def plan(suite: Suite, out: Path, seeds: int | None = None, data_dir: str | None
             return None
         check_domain(suite.tune.domain or suite.domains[0])
         tune, selection = tune_steps(method, suite.recipes.get(method), overrides, suite.tune,
-                                     suite.tune.domain or suite.domains[0], out / "tune", data_dir, suite.launch)
+                                     suite.tune.domain or suite.domains[0], out / "tune", data_dir, suite.launch,
+                                     (carried_tuning or {}).get(method))
         steps.extend(tune)
         return selection
 
@@ -323,10 +329,15 @@ def train_command(launch: str | None = None) -> list[str]:
 
 
 def tune_steps(method: str, recipe: str | None, overrides: list[str], spec: TuneSpec, domain: str, out: Path,
-               data_dir: str | None = None, launch: str | None = None) -> tuple[list[Step], Callable[[], dict]]:
+               data_dir: str | None = None, launch: str | None = None,
+               earlier: dict | None = None) -> tuple[list[Step], Callable[[], dict]]:
     """The training steps of ``method``'s tuning grid (:func:`kembed.tune.grid`) on ``domain``,
     each run in ``out/<domain>/<method>-<config hash>/``, and the function that selects among
     them once they ran (:func:`kembed.tune.select`; its ``needs`` attribute: the steps' labels).
+    The selection (and the function's ``grid`` attribute) carries ``grid``, a hash of what decides it (the method's resolved
+    configuration and the tuning block). An ``earlier`` selection with the same ``grid`` (from a
+    committed report, :func:`earlier_tuning`) is used as it is: no steps, and its ``carried_from``
+    mark kept.
 
     Raises:
         ConfigError, KembedError: the recipe, an override or a grid point is invalid.
@@ -336,6 +347,13 @@ def tune_steps(method: str, recipe: str | None, overrides: list[str], spec: Tune
 
     kembed = train_command(launch)
     _, _, resolved = prepare_config(method, recipe, overrides, domain=domain, data_dir=data_dir)
+    key = config_hash({"resolved": resolved, "tune": spec.model_dump(), "domain": domain})
+    if earlier and earlier.get("grid") == key:
+        def carried() -> dict:
+            return earlier
+
+        carried.needs, carried.grid = [], key
+        return [], carried
     points, runs, steps = grid(method, resolved, spec), [], []
     for point in points:
         cfg = [*overrides, *point.overrides, *tune_overrides()]
@@ -349,9 +367,10 @@ def tune_steps(method: str, recipe: str | None, overrides: list[str], spec: Tune
         runs.append(run)
 
     def selection() -> dict:
-        return {"method": method, "domain": domain, **select(points, [run_score(r, spec.selection) for r in runs])}
+        return {"method": method, "domain": domain, "grid": key,
+                **select(points, [run_score(r, spec.selection) for r in runs])}
 
-    selection.needs = [s.label for s in steps]
+    selection.needs, selection.grid = [s.label for s in steps], key
     return steps, selection
 
 
@@ -1141,6 +1160,29 @@ def carry_over(suite: Suite, earlier: Path, rows: list[dict], invocations: list[
     return merged
 
 
+def earlier_tuning(earlier: Path, suite: Suite) -> dict[str, dict]:
+    """Method -> the tuning selection a committed report of ``suite`` (``earlier``, its
+    ``results.json``) holds, marked ``carried_from: {"commit", "date"}``, for :func:`plan` to
+    reuse when the grid is the same (its ``grid`` key). Only complete grids count: a selection
+    with a configuration that never scored (a report written while the grid ran, or a failed
+    run) is left out, and so is everything when the file is missing, unreadable or of another
+    suite (the grid then runs again)."""
+    try:
+        old = json.loads(earlier.read_text())
+    except (OSError, json.JSONDecodeError):
+        return {}
+    if not isinstance(old, dict) or old.get("suite") != suite.name:
+        return {}
+    stamp = {"commit": old.get("commit"), "date": old.get("date")}
+    out = {}
+    for r in old.get("rows") or []:
+        t = r.get("tune") if isinstance(r, dict) else None
+        if (isinstance(t, dict) and t.get("grid") and r.get("method") not in out
+                and all(s.get("score") is not None for s in t.get("scores") or [None])):
+            out[r["method"]] = {**t, "carried_from": t.get("carried_from") or stamp}
+    return out
+
+
 def _results_json(obj: dict) -> str:
     """``obj`` as indented JSON with each ``outcomes`` object on one line (its ids would
     otherwise take a line each)."""
@@ -1235,6 +1277,10 @@ def write_report(suite: Suite, rows: list[dict], failures: list[dict], results_d
                   "what it trains for test, in every domain and seed.", ""]
         for method, result in tuned.items():
             lines += summary_lines(method, result)
+            if result.get("carried_from"):
+                mark = result["carried_from"]
+                lines += [f"(Selection carried over from the report of commit {mark.get('commit')}, "
+                          f"{mark.get('date')}: the same grid was not run again.)", ""]
     for domain in dict.fromkeys(r["domain"] for r in rows):
         header, body = table_cells([r for r in rows if r["domain"] == domain], labels)
         mark = carried.get(domain)
@@ -1303,7 +1349,7 @@ def run_suite(suite: Suite, *, out: Path, results_dir: Path, seeds: int | None =
     from kembed.runs import cpu_model, write_atomic
 
     console = console or Console()
-    steps, models = plan(suite, out, seeds, data_dir)
+    steps, models = plan(suite, out, seeds, data_dir, earlier_tuning(results_dir / "results.json", suite))
     if domains:
         unknown = [d for d in domains if d not in suite.domains]
         if unknown:

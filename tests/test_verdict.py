@@ -168,6 +168,39 @@ def test_a_suite_with_a_tune_block_trains_the_selection_for_test(data_dir, tiny_
     assert select(points, [score, dict(score)])["selected"] == "lr x1, epochs x1"
 
 
+def test_a_later_session_reuses_the_committed_tuning_selection(data_dir, tiny_model_dir, tmp_path):
+    from kembed.bench import earlier_tuning, load_suite, plan
+
+    suite = tmp_path / "tuned.yaml"
+    suite.write_text(json.dumps({
+        "name": "tuned", "model": str(tiny_model_dir), "domains": ["current-events"], "methods": ["sft", "cpt-sft"],
+        "overrides": {"all": [f"model={tiny_model_dir}", "limit=4", "validation=2"]},
+        "tune": {"lr_scales": [0.5, 1], "epoch_scales": [1]}}))
+    spec = load_suite(str(suite))
+    _, models = plan(spec, tmp_path / "a", seeds=1)
+    grids = {m.method: m.tuning.grid for m in models if m.tuning}
+    scores = [{"label": "lr x1, epochs x1", "score": 0.5}, {"label": "lr x0.5, epochs x1", "score": 1.0}]
+    selection = {"method": "sft", "domain": "current-events", "grid": grids["sft"], "selected": "lr x0.5, epochs x1",
+                 "overrides": ["train.learning_rate=1e-05"], "scores": scores}
+    report = tmp_path / "results.json"
+    rows = [{"domain": "current-events", "method": "sft", "evals": {}, "tune": selection},
+            {"domain": "current-events", "method": "cpt-sft", "evals": {},  # a grid still running: not reused
+             "tune": {**selection, "method": "cpt-sft", "grid": grids["cpt-sft"], "scores": [*scores, {"score": None}]}}]
+    report.write_text(json.dumps({"suite": "tuned", "commit": "abc", "date": "d", "rows": rows}))
+    tuned = earlier_tuning(report, spec)
+    assert set(tuned) == {"sft"} and tuned["sft"]["carried_from"] == {"commit": "abc", "date": "d"}
+    steps, models = plan(spec, tmp_path / "b", seeds=1, carried_tuning=tuned)
+    tune = [s.label for s in steps if s.label.startswith("tune ")]
+    assert tune and all("cpt-sft" in label for label in tune)  # sft's grid is not run again
+    train = next(s for s in steps if s.label == "current-events sft: train")
+    assert train.needs == [] and "train.learning_rate=1e-05" in train.argv()
+    assert next(m for m in models if m.method == "sft").tuning()["carried_from"]["commit"] == "abc"
+    # another grid (a changed tuning block) is tuned again
+    other = load_suite(str(suite)).model_copy(update={"tune": spec.tune.model_copy(update={"lr_scales": [1, 2]})})
+    steps, _ = plan(other, tmp_path / "c", seeds=1, carried_tuning=tuned)
+    assert any(s.label.startswith("tune current-events sft ") for s in steps)
+
+
 def test_retention_scores_every_trained_model_on_the_other_domains(data_dir, tiny_model_dir, tmp_path):
     import shutil
 
