@@ -770,7 +770,8 @@ def table_cells(rows: list[dict], labels: list[str], reference: str = "base") ->
     header += ["training s", "answer in training knowledge"]
     body = []
     for r in rows:
-        line = [r["name"]]
+        line = [r["name"] + (" (carried over)" if r.get("carried_from") and not all(
+            x.get("carried_from") for x in rows if x["domain"] == r["domain"]) else "")]
         judged = paired_judged = None
         for label in labels:
             c = r["evals"].get(label)
@@ -1093,7 +1094,7 @@ def _domain_of(label: str, domains: list[str]) -> str | None:
 
 
 def carry_over(suite: Suite, earlier: Path, rows: list[dict], invocations: list[dict], step_times: list[dict],
-               failures: list[dict], pending: list[str] | None) -> dict:
+               failures: list[dict], pending: list[str] | None, planned: set[tuple[str, str]] = frozenset()) -> dict:
     """Merge what an earlier report of the suite (``earlier``, its committed ``results.json``)
     holds with what this bench's output folder gave, so that invocations one domain at a time,
     each on a fresh machine whose output folder is gone by the next, add up to one report.
@@ -1102,7 +1103,10 @@ def carry_over(suite: Suite, earlier: Path, rows: list[dict], invocations: list[
     rows, each marked ``carried_from: {"commit", "date"}`` (of the earlier report, or the mark it
     already had), its step records (``bench-steps.jsonl`` records, when this output folder has
     none of that domain), failures and pending steps. A domain with rows in both keeps this
-    folder's rows. The earlier report's invocations that this folder's log lacks (by
+    folder's rows, plus the earlier rows of finished trained models (:func:`finished_models`)
+    that this folder lacks and this plan has (``planned``: ``(domain, name)``; the models
+    :func:`run_suite` did not train again), with their step
+    records: a domain too long for one session adds up model by model. The earlier report's invocations that this folder's log lacks (by
     ``started``) are kept, each with its ``commit`` (the earlier report's when it has none), and
     so are its tuning step records when no invocation is shared (another output folder), or
     when they were carried over already. Carried
@@ -1132,10 +1136,14 @@ def carry_over(suite: Suite, earlier: Path, rows: list[dict], invocations: list[
         if not isinstance(r, dict) or not isinstance(r.get("domain"), str) or not isinstance(r.get("evals"), dict):
             raise KembedError(f"{earlier}: rows[{i}]: expected an object with 'domain' and 'evals'")
     stamp = {"commit": old.get("commit"), "date": old.get("date")}
-    present = {r["domain"] for r in rows}
+    present, present_rows = {r["domain"] for r in rows}, {(r["domain"], r["name"]) for r in rows}
+    complete = finished_models(old, suite)
     carried = [{**r, "carried_from": r.get("carried_from") or stamp} for r in old.get("rows") or []
-               if r["domain"] in suite.domains and r["domain"] not in present]
-    domains = {r["domain"]: r["carried_from"] for r in reversed(carried)}  # the first row's mark
+               if r["domain"] in suite.domains and (r["domain"] not in present
+                                                    or (r["domain"], r.get("name")) in
+                                                    (complete & set(planned)) - present_rows)]
+    domains = {r["domain"]: r["carried_from"] for r in reversed(carried) if r["domain"] not in present}
+    models = {f"{r['domain']} {r['name']}: " for r in carried if r["domain"] in present}
     order = {d: i for i, d in enumerate(suite.domains)}
     merged["rows"] = sorted([*rows, *carried], key=lambda r: order.get(r["domain"], len(order)))
     merged["domains"] = {d: domains[d] for d in suite.domains if d in domains}
@@ -1151,13 +1159,57 @@ def carry_over(suite: Suite, earlier: Path, rows: list[dict], invocations: list[
                                       for s in old.get("steps") or []
                                       if (d := _domain_of(str(s.get("step", "")), suite.domains)) in domains
                                       and d not in stepped or str(s.get("step", "")).startswith("tune ")
-                                      and (not shared or s.get("carried_from")))]
+                                      and (not shared or s.get("carried_from"))
+                                      or str(s.get("step", "")).startswith(tuple(models)))]
     merged["failures"] = [*failures, *({**f, "carried_from": f.get("carried_from") or stamp}
                                        for f in old.get("failures") or []
                                        if _domain_of(str(f.get("step", "")), suite.domains) in domains)]
     waiting = [p for p in old.get("pending") or [] if _domain_of(p, suite.domains) in domains]
     merged["pending"] = [*(pending or []), *waiting] if waiting else pending
     return merged
+
+
+def finished_models(report: dict, suite: Suite) -> set[tuple[str, str]]:
+    """``(domain, name)`` of the trained models an earlier report of ``suite`` (its parsed
+    ``results.json``) holds complete: every evaluation of the suite with its per-question
+    outcomes, retention when the suite scores it, and no step of the model pending or failed.
+    A later invocation carries such a model's row over and does not run its steps again
+    (:func:`run_suite`, :func:`carry_over`); the base model is always evaluated afresh."""
+    if report.get("suite") != suite.name:
+        return set()
+    labels = [e.label for e in suite.evals]
+    open_steps = [*(report.get("pending") or []), *(str(f.get("step", "")) for f in report.get("failures") or [])]
+    out = set()
+    for r in report.get("rows") or []:
+        if not isinstance(r, dict) or not r.get("method") or r.get("domain") not in suite.domains:
+            continue
+        prefix = f"{r['domain']} {r.get('name')}: "
+        evals = r.get("evals") or {}
+        if (all((evals.get(label) or {}).get("outcomes") for label in labels)
+                and (not suite.retention or (r.get("retention") and all(r["retention"].values())))
+                and not any(step.startswith(prefix) for step in open_steps)):
+            out.add((r["domain"], r["name"]))
+    return out
+
+
+def skip_finished(steps: list[Step], finished: set[tuple[str, str]]) -> list[Step]:
+    """``steps`` without those of the ``finished`` models (:func:`finished_models`: their rows
+    are carried over, :func:`carry_over`), and without the tuning steps that no remaining step
+    needs."""
+    prefixes = tuple(f"{d} {n}: " for d, n in finished)
+    steps = [s for s in steps if not s.label.startswith(prefixes)] if prefixes else steps
+    needed = {n for s in steps for n in s.needs}
+    return [s for s in steps if not s.label.startswith("tune ") or s.label in needed]
+
+
+def earlier_report(path: Path) -> dict:
+    """The parsed earlier ``results.json`` at ``path``; ``{}`` when it is missing or unreadable
+    (:func:`carry_over` reports an invalid one when it writes the report)."""
+    try:
+        old = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return {}
+    return old if isinstance(old, dict) else {}
 
 
 def earlier_tuning(earlier: Path, suite: Suite) -> dict[str, dict]:
@@ -1167,11 +1219,8 @@ def earlier_tuning(earlier: Path, suite: Suite) -> dict[str, dict]:
     with a configuration that never scored (a report written while the grid ran, or a failed
     run) is left out, and so is everything when the file is missing, unreadable or of another
     suite (the grid then runs again)."""
-    try:
-        old = json.loads(earlier.read_text())
-    except (OSError, json.JSONDecodeError):
-        return {}
-    if not isinstance(old, dict) or old.get("suite") != suite.name:
+    old = earlier_report(earlier)
+    if old.get("suite") != suite.name:
         return {}
     stamp = {"commit": old.get("commit"), "date": old.get("date")}
     out = {}
@@ -1284,8 +1333,9 @@ def write_report(suite: Suite, rows: list[dict], failures: list[dict], results_d
     for domain in dict.fromkeys(r["domain"] for r in rows):
         header, body = table_cells([r for r in rows if r["domain"] == domain], labels)
         mark = carried.get(domain)
-        heading = f"## {domain}" + (f" (carried over: commit {mark.get('commit')}, {mark.get('date')})"
-                                    if mark else "")
+        whole = all(r.get("carried_from") for r in rows if r["domain"] == domain)
+        heading = f"## {domain}" + (f" ({'' if whole else 'models marked '}carried over: commit "
+                                    f"{mark.get('commit')}, {mark.get('date')})" if mark else "")
         lines += [heading, "", markdown_table(header, body), ""]
         significant = [f"{r['name']} ({label}: {100 * c['vs_reference']['diff']:+.1f} pp, p = {_p(c['vs_reference']['p_value'])})"
                        for r in rows if r["domain"] == domain for label, c in r["evals"].items()
@@ -1331,6 +1381,11 @@ def run_suite(suite: Suite, *, out: Path, results_dir: Path, seeds: int | None =
     ``report_only`` runs nothing and records no invocation: the report covers what has finished
     in ``out`` (another invocation may still be running) and lists the steps not finished yet.
 
+    Steps of trained models that the existing ``results_dir/results.json`` holds finished
+    (:func:`finished_models`) and ``out`` has no run of are not run again (a fresh machine):
+    their rows are carried over, and a tuning
+    selection of the same grid is reused (:func:`earlier_tuning`).
+
     ``domains`` runs only those domains' steps (and the tuning grid they need); the report
     still covers every domain with results in ``out``, and every other domain of the suite that
     the existing ``results_dir/results.json`` has rows of (:func:`carry_over`: rows, step times,
@@ -1356,6 +1411,8 @@ def run_suite(suite: Suite, *, out: Path, results_dir: Path, seeds: int | None =
             raise ConfigError(f"suite {suite.name}: --domains {', '.join(unknown)} not in its domains "
                               f"({', '.join(suite.domains)})")
         steps = [s for s in steps if s.label.startswith("tune ") or any(s.label.startswith(f"{d} ") for d in domains)]
+    here = {(m.domain, m.name) for m in models if m.run is not None and m.run.exists()}  # resumed in out
+    steps = skip_finished(steps, finished_models(earlier_report(results_dir / "results.json"), suite) - here)
     log = out / "bench-invocations.jsonl"
     if report_only:
         done = {s.label for s in steps if s.done()}
@@ -1394,7 +1451,8 @@ def _report(suite: Suite, models, out: Path, results_dir: Path, invocations: lis
     ``results_dir/results.json`` (:func:`carry_over`), write the report and print its tables."""
     rows = [r for r in collect(models) if any(r["evals"].values())]  # domains not run yet are left out
     step_times = read_jsonl(out / "bench-steps.jsonl", missing_ok=True)
-    merged = carry_over(suite, results_dir / "results.json", rows, invocations, step_times, failures, pending)
+    merged = carry_over(suite, results_dir / "results.json", rows, invocations, step_times, failures, pending,
+                        {(m.domain, m.name) for m in models})
     if merged["ignored"]:
         console.print(f"[yellow]note[/] {merged['ignored']}")
     for domain, mark in merged["domains"].items():

@@ -456,6 +456,44 @@ def test_a_report_of_one_domain_carries_over_the_domains_reported_before(data_di
     assert "sft (tuning)" in {r["model"] for r in third["time_breakdown"]}  # carried again, not lost
 
 
+def test_a_domain_too_long_for_one_session_adds_up_model_by_model(data_dir, tmp_path):
+    import shutil
+
+    from kembed.bench import Step, earlier_report, finished_models, skip_finished
+
+    suite, results = two_domain_suite(), tmp_path / "results"
+    # session 1 finished base, cpt and sft's first seed; sft's second seed was still training
+    first_runs = {"base": RUNS["base"], "sft": [RUNS["sft"][0], None], "cpt": RUNS["cpt"]}
+    out_a = tmp_path / "out-a"
+    report(suite, fake_models(out_a, "current-events", first_runs), out_a, results, "2026-01-01T00:00:00+00:00", 60.0)
+    shutil.rmtree(out_a)
+    finished = finished_models(earlier_report(results / "results.json"), suite)
+    assert finished == {("current-events", "sft (seed 1)"), ("current-events", "cpt")}  # never the base model
+    step = lambda label, needs=(): Step(label, lambda: [], lambda: False, list(needs))  # noqa: E731
+    steps = [step("tune current-events cpt (lr x1): train"), step("tune current-events sft (lr x1): train"),
+             step("current-events base: eval closed-book-raw"),
+             step("current-events cpt: train", ["tune current-events cpt (lr x1): train"]),
+             step("current-events cpt-sft: train"),  # another model whose name starts like cpt's
+             step("current-events sft (seed 1): train", ["tune current-events sft (lr x1): train"]),
+             step("current-events sft (seed 1): eval closed-book-raw"),
+             step("current-events sft (seed 2): train", ["tune current-events sft (lr x1): train"])]
+    assert [s.label for s in skip_finished(steps, finished)] == [
+        "tune current-events sft (lr x1): train", "current-events base: eval closed-book-raw",
+        "current-events cpt-sft: train", "current-events sft (seed 2): train"]
+    # session 2 evaluates the base model and trains sft's second seed; the finished models are carried
+    out_b = tmp_path / "out-b"
+    second_runs = {"base": RUNS["base"], "sft": [None, RUNS["sft"][1]], "cpt": [None]}
+    second = report(suite, fake_models(out_b, "current-events", second_runs), out_b, results,
+                    "2026-01-02T00:00:00+00:00", 30.0)
+    assert [(r["name"], bool(r.get("carried_from"))) for r in second["rows"]] == [
+        ("base", False), ("sft (seed 2)", False), ("sft (seed 1)", True), ("cpt", True)]
+    assert second["carried"] == {"current-events": second["rows"][2]["carried_from"]}
+    sft = next(e for e in second["over_seeds"] if e["method"] == "sft")
+    assert sft["seeds"] == 2  # both seeds, one from each session, in the statistics over seeds
+    md = (results / "results.md").read_text()
+    assert "## current-events (models marked carried over: commit" in md and "| cpt (carried over) |" in md
+
+
 def test_a_results_json_without_outcomes_is_carried_into_tables_only(data_dir, tmp_path):
     suite, results = two_domain_suite(), tmp_path / "results"
     report(suite, fake_models(tmp_path / "out-a", "current-events"), tmp_path / "out-a", results,
