@@ -1105,12 +1105,13 @@ def carry_over(suite: Suite, earlier: Path, rows: list[dict], invocations: list[
     none of that domain), failures and pending steps. A domain with rows in both keeps this
     folder's rows, plus the earlier rows of finished trained models (:func:`finished_models`)
     that this folder lacks and this plan has (``planned``: ``(domain, name)``; the models
-    :func:`run_suite` did not train again), with their step
-    records: a domain too long for one session adds up model by model. The earlier report's invocations that this folder's log lacks (by
-    ``started``) are kept, each with its ``commit`` (the earlier report's when it has none), and
-    so are its tuning step records when no invocation is shared (another output folder), or
-    when they were carried over already. Carried
-    rows are read as they are: their folders are never opened.
+    :func:`run_suite` did not train again), with their step records: a domain too long for one
+    session adds up model by model. When anything is carried over, the earlier report's
+    invocations that this folder's log lacks (by ``started``) are kept, each with its ``commit``
+    (the earlier report's when it has none), and so are its tuning step records when no
+    invocation is shared (another output folder), or when they were carried over already; when
+    nothing is, the earlier report is superseded and none of it counts. Carried rows are read
+    as they are: their folders are never opened.
 
     Returns:
         ``{"rows", "invocations", "steps", "failures", "pending", "domains": {domain: carried_from},
@@ -1148,6 +1149,8 @@ def carry_over(suite: Suite, earlier: Path, rows: list[dict], invocations: list[
     merged["rows"] = sorted([*rows, *carried], key=lambda r: order.get(r["domain"], len(order)))
     merged["domains"] = {d: domains[d] for d in suite.domains if d in domains}
 
+    if not carried:  # the earlier report is superseded: none of its rows, invocations or steps count
+        return merged
     started = {i.get("started") for i in invocations}
     before = old.get("invocations") or []
     shared = any(i.get("started") in started for i in before)

@@ -490,8 +490,15 @@ def test_a_domain_too_long_for_one_session_adds_up_model_by_model(data_dir, tmp_
     assert second["carried"] == {"current-events": second["rows"][2]["carried_from"]}
     sft = next(e for e in second["over_seeds"] if e["method"] == "sft")
     assert sft["seeds"] == 2  # both seeds, one from each session, in the statistics over seeds
+    assert len(second["invocations"]) == 2
     md = (results / "results.md").read_text()
     assert "## current-events (models marked carried over: commit" in md and "| cpt (carried over) |" in md
+    # a run of the whole domain in one session supersedes the report: nothing of it is carried
+    out_c = tmp_path / "out-c"
+    third = report(suite, fake_models(out_c, "current-events", {"base": RUNS["base"], "sft": RUNS["sft"],
+                                                                "cpt": RUNS["cpt"]}),
+                   out_c, results, "2026-01-03T00:00:00+00:00", 10.0)
+    assert not any(r.get("carried_from") for r in third["rows"]) and len(third["invocations"]) == 1
 
 
 def test_a_results_json_without_outcomes_is_carried_into_tables_only(data_dir, tmp_path):
