@@ -1158,12 +1158,17 @@ def carry_over(suite: Suite, earlier: Path, rows: list[dict], invocations: list[
     merged["invocations"] = sorted([*kept, *invocations], key=lambda i: i.get("started") or "")
 
     stepped = {_domain_of(str(s.get("step", "")), suite.domains) for s in step_times}
+
+    def carried_step(label: str, record: dict) -> bool:
+        if label.startswith("tune "):  # the grid ran in another output folder, or was carried already
+            return not shared or bool(record.get("carried_from"))
+        if label.startswith(tuple(models)):  # a carried model of a domain run here
+            return True
+        domain = _domain_of(label, suite.domains)
+        return domain in domains and domain not in stepped
+
     merged["steps"] = [*step_times, *({**s, "carried_from": s.get("carried_from") or stamp}
-                                      for s in old.get("steps") or []
-                                      if (d := _domain_of(str(s.get("step", "")), suite.domains)) in domains
-                                      and d not in stepped or str(s.get("step", "")).startswith("tune ")
-                                      and (not shared or s.get("carried_from"))
-                                      or str(s.get("step", "")).startswith(tuple(models)))]
+                                      for s in old.get("steps") or [] if carried_step(str(s.get("step", "")), s))]
     merged["failures"] = [*failures, *({**f, "carried_from": f.get("carried_from") or stamp}
                                        for f in old.get("failures") or []
                                        if _domain_of(str(f.get("step", "")), suite.domains) in domains)]
