@@ -1014,9 +1014,10 @@ def method_ranking(rows: list[dict], label: str) -> list[dict]:
                 y = [[c[q] for q in ids] for c in runs[b]]
                 d = seeds_bootstrap_diff(x, y)
                 diff, (lo, hi) = d["diff"], d["ci95"]
+                better, worse = (a, b) if diff >= 0 else (b, a)
                 if diff < 0:  # name the better method first: b - a is the mirror of a - b
-                    a, b, diff, lo, hi = b, a, -diff, -hi, -lo
-                out.append({"domain": domain, "a": a, "b": b, "diff": diff, "ci95": [lo, hi],
+                    diff, lo, hi = -diff, -hi, -lo
+                out.append({"domain": domain, "a": better, "b": worse, "diff": diff, "ci95": [lo, hi],
                             "decided": lo > 0 or hi < 0})
     return out
 

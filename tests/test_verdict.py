@@ -116,6 +116,19 @@ def test_seed_summary_and_taught_split_over_fake_evaluations(tmp_path):
                         "ci95": ranking[0]["ci95"], "decided": True}]
 
 
+def test_method_ranking_lists_every_pair_once():
+    from kembed.bench import outcomes
+
+    n = 40
+    accuracy = {None: 0.2, "low": 0.1, "high": 0.9, "mid": 0.5}  # the first method loses to the next
+    rows = [{"domain": "d", "name": m or "base", "method": m,
+             "evals": {"closed-book-raw": {"outcomes": outcomes({f"q{i:02d}": i < acc * n for i in range(n)})}}}
+            for m, acc in accuracy.items()]
+    ranking = method_ranking(rows, "closed-book-raw")
+    assert sorted((e["a"], e["b"]) for e in ranking) == [("high", "low"), ("high", "mid"), ("mid", "low")]
+    assert all(e["diff"] > 0 and e["decided"] for e in ranking)
+
+
 def invoke(*args):
     from typer.testing import CliRunner
 
