@@ -1076,12 +1076,14 @@ def breakdown_table(rows: list[dict]) -> tuple[list[str], list[list[str]]]:
 
 
 def git_commit() -> str | None:
-    """The checkout's commit (with ``-dirty`` when it has uncommitted changes), if in git."""
+    """The checkout's commit (with ``-dirty`` when it has uncommitted changes outside
+    ``benchmarks/results/``, which the report itself rewrites), if in git."""
     root = BENCH_DIR.parent
     try:
         commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True,
                                 text=True, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", ".",
+                                ":(exclude)benchmarks/results"], cwd=root,
                                capture_output=True, text=True, check=True).stdout.strip()
         return commit + ("-dirty" if dirty else "")
     except (OSError, subprocess.CalledProcessError):
