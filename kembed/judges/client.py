@@ -1,7 +1,5 @@
 """The language-model client of the judges: a local model or an OpenAI-compatible endpoint
-(:class:`kembed.endpoint.EndpointBackend`, imported here with :class:`Completion` and
-:data:`RETRY_STATUSES` so that they stay importable from this module), behind a sqlite cache of
-raw completions.
+(:class:`kembed.endpoint.EndpointBackend`), behind a sqlite cache of raw completions.
 
 The cache key is the sha256 of (judge name, endpoint URL or local model id, prompt template
 version, rendered prompt, decoding settings, attempt). It stores the raw completion text and its
@@ -20,7 +18,7 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from kembed.endpoint import RETRY_STATUSES, Completion, EndpointBackend  # noqa: F401 (re-exported)
+from kembed.endpoint import Completion, EndpointBackend
 
 
 class LocalBackend:
