@@ -1128,12 +1128,8 @@ def carry_over(suite: Suite, earlier: Path, rows: list[dict], invocations: list[
               "pending": pending, "domains": {}, "ignored": None}
     if not earlier.is_file():
         return merged
-    try:
-        old = json.loads(earlier.read_text())
-    except json.JSONDecodeError as e:
-        raise KembedError(f"{earlier}: invalid JSON at line {e.lineno}: {e.msg} (fix or move it to write the "
-                          "report)") from None
-    if not isinstance(old, dict) or old.get("suite") != suite.name:
+    old = earlier_report(earlier, strict=True)
+    if old.get("suite") != suite.name:
         merged["ignored"] = f"{earlier} is not a report of suite {suite.name}; nothing carried over from it"
         return merged
     for i, r in enumerate(old.get("rows") or []):
@@ -1213,12 +1209,22 @@ def skip_finished(steps: list[Step], finished: set[tuple[str, str]]) -> list[Ste
     return [s for s in steps if not s.label.startswith("tune ") or s.label in needed]
 
 
-def earlier_report(path: Path) -> dict:
-    """The parsed earlier ``results.json`` at ``path``; ``{}`` when it is missing or unreadable
-    (:func:`carry_over` reports an invalid one when it writes the report)."""
+def earlier_report(path: Path, strict: bool = False) -> dict:
+    """The parsed earlier ``results.json`` at ``path``; ``{}`` when it is missing, not an object
+    or, unless ``strict``, unreadable.
+
+    Raises:
+        KembedError: (``strict``) the file is not valid JSON: :func:`carry_over` reports it when
+            it writes the report, while planning reads it leniently.
+    """
     try:
         old = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError):
+    except OSError:
+        return {}
+    except json.JSONDecodeError as e:
+        if strict:
+            raise KembedError(f"{path}: invalid JSON at line {e.lineno}: {e.msg} (fix or move it to write the "
+                              "report)") from None
         return {}
     return old if isinstance(old, dict) else {}
 
