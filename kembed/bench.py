@@ -333,11 +333,16 @@ def tune_steps(method: str, recipe: str | None, overrides: list[str], spec: Tune
                earlier: dict | None = None) -> tuple[list[Step], Callable[[], dict]]:
     """The training steps of ``method``'s tuning grid (:func:`kembed.tune.grid`) on ``domain``,
     each run in ``out/<domain>/<method>-<config hash>/``, and the function that selects among
-    them once they ran (:func:`kembed.tune.select`; its ``needs`` attribute: the steps' labels).
-    The selection (and the function's ``grid`` attribute) carries ``grid``, a hash of what decides it (the method's resolved
-    configuration and the tuning block). An ``earlier`` selection with the same ``grid`` (from a
-    committed report, :func:`earlier_tuning`) is used as it is: no steps, and its ``carried_from``
-    mark kept.
+    them once they ran (:func:`kembed.tune.select`).
+
+    The function's attributes: ``needs`` (the steps' labels), ``grid`` (a hash of what decides
+    the selection: the method's resolved configuration, the tuning block and the domain) and
+    ``points()`` (label -> the configuration's score, :func:`kembed.tune.run_score`, or None
+    while it has none). ``earlier``, ``{"grid", "points": {label: score}}`` from a committed
+    report (:func:`earlier_tuning`), supplies the scores of configurations an earlier session
+    finished when its ``grid`` is this one: those are not trained again, so that a grid too
+    long for one session adds up configuration by configuration. Their scores keep their
+    ``carried_from`` mark, which the selection's ``scores`` entries repeat.
 
     Raises:
         ConfigError, KembedError: the recipe, an override or a grid point is invalid.
@@ -348,14 +353,12 @@ def tune_steps(method: str, recipe: str | None, overrides: list[str], spec: Tune
     kembed = train_command(launch)
     _, _, resolved = prepare_config(method, recipe, overrides, domain=domain, data_dir=data_dir)
     key = config_hash({"resolved": resolved, "tune": spec.model_dump(), "domain": domain})
-    if earlier and earlier.get("grid") == key:
-        def carried() -> dict:
-            return earlier
-
-        carried.needs, carried.grid = [], key
-        return [], carried
+    carried = (earlier or {}).get("points") or {} if (earlier or {}).get("grid") == key else {}
     points, runs, steps = grid(method, resolved, spec), [], []
     for point in points:
+        if point.label in carried:
+            runs.append(None)
+            continue
         cfg = [*overrides, *point.overrides, *tune_overrides()]
         _, _, point_resolved = prepare_config(method, recipe, cfg, domain=domain, data_dir=data_dir)
         run = out / domain / f"{method}-{config_hash(point_resolved)}"
@@ -366,12 +369,38 @@ def tune_steps(method: str, recipe: str | None, overrides: list[str], spec: Tune
                           lambda r=run: _finished(r)))
         runs.append(run)
 
-    def selection() -> dict:
-        return {"method": method, "domain": domain, "grid": key,
-                **select(points, [run_score(r, spec.selection) for r in runs])}
+    def scored() -> dict[str, dict | None]:
+        return {p.label: carried[p.label] if r is None else run_score(r, spec.selection) for p, r in zip(points, runs)}
 
-    selection.needs, selection.grid = [s.label for s in steps], key
+    def selection() -> dict:
+        scores = scored()
+        result = select(points, [scores[p.label] for p in points])
+        for s in result["scores"]:
+            if (scores[s["label"]] or {}).get("carried_from"):
+                s["carried_from"] = scores[s["label"]]["carried_from"]
+        return {"method": method, "domain": domain, "grid": key, **result}
+
+    selection.needs, selection.grid, selection.domain, selection.points = [s.label for s in steps], key, domain, scored
     return steps, selection
+
+
+def tuning_section(models: list[ModelEntry]) -> dict[str, dict]:
+    """Method -> ``{"domain", "grid", "points": {label: score or None}, "selection"}``: every
+    tuned method's grid as far as it has run (configurations carried over from an earlier report
+    included, :func:`tune_steps`) and its selection among the scored configurations
+    (:func:`kembed.tune.select`; None while none is scored). ``results.json`` keeps it as
+    ``tuning``, which a later session reads back (:func:`earlier_tuning`)."""
+    out = {}
+    for m in models:
+        if m.tuning is None or m.method in out:
+            continue
+        try:
+            selection = m.tuning()
+        except KembedError:  # no configuration of the grid finished yet
+            selection = None
+        out[m.method] = {"domain": m.tuning.domain, "grid": m.tuning.grid, "points": m.tuning.points(),
+                         "selection": selection}
+    return out
 
 
 def execute(steps: list[Step], console, log_dir: Path, jobs: int = 1, on_step_end=None) -> list[dict]:
@@ -692,7 +721,7 @@ def model_row(entry: ModelEntry, reference: ModelEntry | None,
         row["retention_mean"] = sum(diffs) / len(diffs) if diffs else None
     if entry.tuning is not None:
         try:
-            row["tune"] = entry.tuning()
+            row["tune"] = {k: v for k, v in entry.tuning().items() if k in ("selected", "overrides", "grid")}
         except KembedError:  # no configuration of the grid finished
             row["tune"] = None
     return row
@@ -845,7 +874,10 @@ def console_tables(rows: list[dict], labels: list[str], title: str, reference: s
 
 def plot(rows: list[dict], labels: list[str], out: Path) -> list[Path]:
     """PNG plots: accuracy with 95% CI bars per model and evaluation (one panel per domain),
-    accuracy vs training time, and grounded rationality vs accuracy. Returns the files written."""
+    accuracy vs training time, and grounded rationality vs accuracy. Returns the files written
+    (none without rows: a report written while only the tuning grid has run)."""
+    if not rows:
+        return []
     import matplotlib
 
     matplotlib.use("Agg")
@@ -1230,22 +1262,25 @@ def earlier_report(path: Path, strict: bool = False) -> dict:
 
 
 def earlier_tuning(earlier: Path, suite: Suite) -> dict[str, dict]:
-    """Method -> the tuning selection a committed report of ``suite`` (``earlier``, its
-    ``results.json``) holds, marked ``carried_from: {"commit", "date"}``, for :func:`plan` to
-    reuse when the grid is the same (its ``grid`` key). Only complete grids count: a selection
-    with a configuration that never scored (a report written while the grid ran, or a failed
-    run) is left out, and so is everything when the file is missing, unreadable or of another
-    suite (the grid then runs again)."""
+    """Method -> ``{"grid", "points": {label: score}}``: the tuning configurations a committed
+    report of ``suite`` (``earlier``, its ``results.json``, section ``tuning``) holds scored,
+    each score marked ``carried_from: {"commit", "date"}`` (the report's, or the mark it already
+    had), for :func:`plan` to reuse when the grid is the same (its ``grid`` key). A configuration
+    without a score (not run yet, or failed) is left out and runs again; so is everything when
+    the file is missing, unreadable or of another suite."""
     old = earlier_report(earlier)
-    if old.get("suite") != suite.name:
+    if old.get("suite") != suite.name or not isinstance(old.get("tuning"), dict):
         return {}
     stamp = {"commit": old.get("commit"), "date": old.get("date")}
+    fields = {"score", "n", "ids", "correct", "validation"}
     out = {}
-    for r in old.get("rows") or []:
-        t = r.get("tune") if isinstance(r, dict) else None
-        if (isinstance(t, dict) and t.get("grid") and r.get("method") not in out
-                and all(s.get("score") is not None for s in t.get("scores") or [None])):
-            out[r["method"]] = {**t, "carried_from": t.get("carried_from") or stamp}
+    for method, t in old["tuning"].items():
+        if not isinstance(t, dict) or not t.get("grid") or not isinstance(t.get("points"), dict):
+            continue
+        points = {label: {**s, "carried_from": s.get("carried_from") or stamp} for label, s in t["points"].items()
+                  if isinstance(s, dict) and fields <= s.keys() and s["score"] is not None}
+        if points:
+            out[method] = {"grid": t["grid"], "points": points}
     return out
 
 
@@ -1271,10 +1306,12 @@ def _results_json(obj: dict) -> str:
 
 
 def write_report(suite: Suite, rows: list[dict], failures: list[dict], results_dir: Path, invocations: list[dict],
-                 step_times: list[dict] | None = None, pending: list[str] | None = None) -> Path:
+                 step_times: list[dict] | None = None, pending: list[str] | None = None,
+                 tuning: dict[str, dict] | None = None) -> Path:
     """``results.json``, ``results.md`` and the plots of a suite into ``results_dir``;
     ``step_times``: the ``bench-steps.jsonl`` records, for the time breakdown; ``pending``: the
-    labels of steps not finished yet (a report written while the bench is incomplete).
+    labels of steps not finished yet (a report written while the bench is incomplete);
+    ``tuning``: the grids (:func:`tuning_section`).
 
     ``results.json`` holds: ``suite``, ``description``, ``command``, ``date``, ``commit`` and
     ``machine`` of this report; ``invocations`` (every bench invocation's record: ``started``,
@@ -1286,7 +1323,9 @@ def write_report(suite: Suite, rows: list[dict], failures: list[dict], results_d
     ``carried_from: {"commit", "date"}`` and a ``folder`` that need not exist); ``carried``
     (domain -> that mark); ``over_seeds`` (:func:`seed_summary`) and ``ranking``
     (:func:`method_ranking`), from the rows' outcomes alone; ``without_outcomes``
-    (:func:`without_outcomes`: cells these leave out); ``steps`` and ``time_breakdown``;
+    (:func:`without_outcomes`: cells these leave out); ``tuning`` (:func:`tuning_section`: every
+    configuration's validation score, the ids it was scored on, and the selection); ``steps``
+    and ``time_breakdown``;
     ``scorer``, ``failures``, ``pending``. Nothing here reads an
     evaluation folder: a report can be written from rows alone."""
     from kembed.runs import cpu_model, write_atomic
@@ -1304,7 +1343,7 @@ def write_report(suite: Suite, rows: list[dict], failures: list[dict], results_d
     missing = without_outcomes(rows, labels)
     times = time_breakdown(step_times or [])
     write_atomic(results_dir / "results.json", _results_json(
-        {**meta, "rows": rows, "over_seeds": summary, "ranking": ranking, "without_outcomes": missing,
+        {**meta, "tuning": tuning or {}, "rows": rows, "over_seeds": summary, "ranking": ranking, "without_outcomes": missing,
          "steps": step_times or [], "time_breakdown": times}))
     plots = plot(rows, labels, results_dir)
     commits = list(dict.fromkeys(i["commit"] for i in invocations if i.get("commit")))
@@ -1331,22 +1370,21 @@ def write_report(suite: Suite, rows: list[dict], failures: list[dict], results_d
         lines.append(f"- **partial**: {len(pending)} step(s) not finished yet, so the models they train or score "
                      f"are missing or incomplete below: {'; '.join(pending)}")
     lines.append("")
-    tuned = {r["method"]: r["tune"] for r in rows if r.get("tune")}
-    if tuned:
+    if tuning:
         from kembed.tune import summary_lines
 
-        first = next(iter(tuned.values()))
+        first = next(iter(tuning.values()))
         lines += ["## Tuning", "", f"Every method's grid (learning rate x {suite.tune.lr_scales}, epochs x "
                   f"{suite.tune.epoch_scales}) trained on {first['domain']} with the recipe's seed and scored "
                   f"closed-book on the validation split held out of the train split "
                   f"({suite.tune.selection}); test is never read. Each method's selected configuration is "
-                  "what it trains for test, in every domain and seed.", ""]
-        for method, result in tuned.items():
-            lines += summary_lines(method, result)
-            if result.get("carried_from"):
-                mark = result["carried_from"]
-                lines += [f"(Selection carried over from the report of commit {mark.get('commit')}, "
-                          f"{mark.get('date')}: the same grid was not run again.)", ""]
+                  "what it trains for test, in every domain and seed. A configuration carried over was scored "
+                  "by an earlier invocation of the same grid and not trained again.", ""]
+        for method, t in tuning.items():
+            if t["selection"] is None:
+                lines += [f"### {method}", "", f"No configuration of {len(t['points'])} scored yet.", ""]
+            else:
+                lines += summary_lines(method, t["selection"])
     for domain in dict.fromkeys(r["domain"] for r in rows):
         header, body = table_cells([r for r in rows if r["domain"] == domain], labels)
         mark = carried.get(domain)
@@ -1477,7 +1515,7 @@ def _report(suite: Suite, models, out: Path, results_dir: Path, invocations: lis
                       f"{mark.get('date')})", highlight=False)
     rows = merged["rows"]
     report = write_report(suite, rows, merged["failures"], results_dir, merged["invocations"], merged["steps"],
-                          merged["pending"])
+                          merged["pending"], tuning_section(models))
     labels = [s.label for s in suite.evals]
     for domain in dict.fromkeys(r["domain"] for r in rows):
         console.print(console_tables([r for r in rows if r["domain"] == domain], labels, f"{suite.name}: {domain}"))

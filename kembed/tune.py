@@ -166,11 +166,15 @@ def select(points: list[GridPoint], scores: list[dict | None]) -> dict:
 
 
 def summary_lines(method: str, result: dict) -> list[str]:
-    """Markdown lines of one method's grid, every configuration's score and the selection."""
+    """Markdown lines of one method's grid, every configuration's score (a configuration carried
+    over from an earlier report names its commit) and the selection, marked partial while a
+    configuration has no score."""
     lines = [f"### {method}", "", "| configuration | taught validation % (n) | all validation % |", "|---|---|---|"]
     for s in result["scores"]:
         mark = " (selected)" if s["label"] == result["selected"] else ""
-        score = "failed" if s["score"] is None else f"{100 * s['score']:.1f}" + (f" ({s['n']})" if s["n"] else "")
+        if s.get("carried_from"):
+            mark += f" (carried over: commit {str(s['carried_from'].get('commit'))[:12]})"
+        score = "not scored" if s["score"] is None else f"{100 * s['score']:.1f}" + (f" ({s['n']})" if s["n"] else "")
         allv = "-" if s["validation"] is None else f"{100 * s['validation']:.1f}"
         lines.append(f"| {s['label']}{mark} | {score} | {allv} |")
     vs = result["vs_recipe"]
@@ -183,4 +187,7 @@ def summary_lines(method: str, result: dict) -> list[str]:
                    f"[{100 * vs['ci95'][0]:+.1f}, {100 * vs['ci95'][1]:+.1f}], McNemar p = {vs['p_value']:.3f}: "
                    + ("separated" if result["separated"] else "not separated at this resolution"))
     resolution = f"; one question is {100 * result['resolution']:.1f} pp" if result["resolution"] else ""
-    return lines + ["", f"Selected: **{result['selected']}** ({verdict}{resolution}).", ""]
+    missing = sum(s["score"] is None for s in result["scores"])
+    partial = (f" (so far: {missing} of {len(result['scores'])} configurations not scored, still to run or failed)"
+               if missing else "")
+    return lines + ["", f"Selected{partial}: **{result['selected']}** ({verdict}{resolution}).", ""]

@@ -181,8 +181,8 @@ def test_a_suite_with_a_tune_block_trains_the_selection_for_test(data_dir, tiny_
     assert select(points, [score, dict(score)])["selected"] == "lr x1, epochs x1"
 
 
-def test_a_later_session_reuses_the_committed_tuning_selection(data_dir, tiny_model_dir, tmp_path):
-    from kembed.bench import earlier_tuning, load_suite, plan
+def test_a_later_session_reuses_the_tuning_configurations_a_report_holds(data_dir, tiny_model_dir, tmp_path):
+    from kembed.bench import earlier_tuning, load_suite, plan, tuning_section, write_report
 
     suite = tmp_path / "tuned.yaml"
     suite.write_text(json.dumps({
@@ -190,28 +190,46 @@ def test_a_later_session_reuses_the_committed_tuning_selection(data_dir, tiny_mo
         "overrides": {"all": [f"model={tiny_model_dir}", "limit=4", "validation=2"]},
         "tune": {"lr_scales": [0.5, 1], "epoch_scales": [1]}}))
     spec = load_suite(str(suite))
-    _, models = plan(spec, tmp_path / "a", seeds=1)
-    grids = {m.method: m.tuning.grid for m in models if m.tuning}
-    scores = [{"label": "lr x1, epochs x1", "score": 0.5}, {"label": "lr x0.5, epochs x1", "score": 1.0}]
-    selection = {"method": "sft", "domain": "current-events", "grid": grids["sft"], "selected": "lr x0.5, epochs x1",
-                 "overrides": ["train.learning_rate=1e-05"], "scores": scores}
-    report = tmp_path / "results.json"
-    rows = [{"domain": "current-events", "method": "sft", "evals": {}, "tune": selection},
-            {"domain": "current-events", "method": "cpt-sft", "evals": {},  # a grid still running: not reused
-             "tune": {**selection, "method": "cpt-sft", "grid": grids["cpt-sft"], "scores": [*scores, {"score": None}]}}]
-    report.write_text(json.dumps({"suite": "tuned", "commit": "abc", "date": "d", "rows": rows}))
+    steps, models = plan(spec, tmp_path / "a", seeds=1)
+    # session 1 finishes both sft configurations and one of cpt-sft's, then its machine is gone
+    finished = [s for s in steps if s.label.startswith("tune ") and "cpt-sft (lr x0.5" not in s.label]
+    assert len(finished) == 3
+    for step in finished:
+        run = Path(step.argv()[step.argv().index("--output") + 1])
+        run.mkdir(parents=True)
+        right = ["q1"] if "(lr x0.5" in step.label else ["q1", "q2"]
+        (run / "metrics.jsonl").write_text(json.dumps({
+            "event": "iteration_end", "dev_correct_ids": right, "dev_taught": {"ids": ["q1", "q2"], "n": 2},
+            "dev_accuracy": {"token_mean": len(right) / 3}}) + "\n")
+    tuning = tuning_section(models)
+    assert tuning["cpt-sft"]["points"]["lr x0.5, epochs x1"] is None
+    assert tuning["sft"]["selection"]["selected"] == "lr x1, epochs x1"
+    write_report(spec, [], [], tmp_path / "results", [], tuning=tuning)
+    report = tmp_path / "results" / "results.json"
+    assert "No configuration" not in (tmp_path / "results" / "results.md").read_text()
+    assert "so far: 1 of 2 configurations not scored" in (tmp_path / "results" / "results.md").read_text()
+
     tuned = earlier_tuning(report, spec)
-    assert set(tuned) == {"sft"} and tuned["sft"]["carried_from"] == {"commit": "abc", "date": "d"}
+    assert set(tuned["sft"]["points"]) == {"lr x1, epochs x1", "lr x0.5, epochs x1"}
+    assert set(tuned["cpt-sft"]["points"]) == {"lr x1, epochs x1"}  # the configuration not scored runs again
+    commit = json.loads(report.read_text())["commit"]
     steps, models = plan(spec, tmp_path / "b", seeds=1, carried_tuning=tuned)
-    tune = [s.label for s in steps if s.label.startswith("tune ")]
-    assert tune and all("cpt-sft" in label for label in tune)  # sft's grid is not run again
+    assert [s.label for s in steps if s.label.startswith("tune ")] == [
+        "tune current-events cpt-sft (lr x0.5, epochs x1): train"]
     train = next(s for s in steps if s.label == "current-events sft: train")
-    assert train.needs == [] and "train.learning_rate=1e-05" in train.argv()
-    assert next(m for m in models if m.method == "sft").tuning()["carried_from"]["commit"] == "abc"
+    assert train.needs == [] and "train.learning_rate=2e-05" in train.argv()
+    selection = next(m for m in models if m.method == "sft").tuning()
+    assert all(s["carried_from"]["commit"] == commit for s in selection["scores"])
+    assert next(s for s in steps if s.label == "current-events cpt-sft: train").needs == [
+        "tune current-events cpt-sft (lr x0.5, epochs x1): train"]
+    # a later report keeps the first report's mark on what it carried
+    write_report(spec, [], [], tmp_path / "results2", [], tuning=tuning_section(models))
+    again = earlier_tuning(tmp_path / "results2" / "results.json", spec)
+    assert again["sft"]["points"]["lr x1, epochs x1"]["carried_from"]["commit"] == commit
     # another grid (a changed tuning block) is tuned again
-    other = load_suite(str(suite)).model_copy(update={"tune": spec.tune.model_copy(update={"lr_scales": [1, 2]})})
+    other = spec.model_copy(update={"tune": spec.tune.model_copy(update={"lr_scales": [1, 2]})})
     steps, _ = plan(other, tmp_path / "c", seeds=1, carried_tuning=tuned)
-    assert any(s.label.startswith("tune current-events sft ") for s in steps)
+    assert sum(s.label.startswith("tune current-events sft ") for s in steps) == 2
 
 
 def test_retention_scores_every_trained_model_on_the_other_domains(data_dir, tiny_model_dir, tmp_path):
