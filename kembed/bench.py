@@ -1122,6 +1122,19 @@ def git_commit() -> str | None:
         return None
 
 
+def pending_summary(pending: list[str], domains: list[str], most: int = 12) -> str:
+    """The labels of steps not finished yet, for results.md: all of them when there are at most
+    ``most``, else counted per tuning grid and domain (``results.json`` keeps every label)."""
+    if len(pending) <= most:
+        return "; ".join(pending)
+    groups: dict[str, list[str]] = {}
+    for label in pending:
+        domain = "tuning" if label.startswith("tune ") else _domain_of(label, domains) or "other"
+        groups.setdefault(domain, []).append(label.split(": ")[0])
+    return "; ".join(f"{g}: {len(labels)} step(s) of {len(set(labels))} "
+                     f"{'configuration' if g == 'tuning' else 'model'}(s)" for g, labels in groups.items())
+
+
 def _domain_of(label: str, domains: list[str]) -> str | None:
     """The domain a step label (``"<domain> <model>: <step>"``) belongs to; None for a tuning
     step or another label."""
@@ -1368,7 +1381,7 @@ def write_report(suite: Suite, rows: list[dict], failures: list[dict], results_d
                                  for d, m in carried.items()))
     if pending:
         lines.append(f"- **partial**: {len(pending)} step(s) not finished yet, so the models they train or score "
-                     f"are missing or incomplete below: {'; '.join(pending)}")
+                     f"are missing or incomplete below: {pending_summary(pending, suite.domains)}")
     lines.append("")
     if tuning:
         from kembed.tune import summary_lines

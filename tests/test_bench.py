@@ -525,3 +525,15 @@ def test_a_results_json_without_outcomes_is_carried_into_tables_only(data_dir, t
     assert new["invocations"][0]["commit"] == old["commit"]  # an old invocation gets its report's commit
     md = (results / "results.md").read_text()
     assert "| sft (seed 1) |" in md and "Left out of the statistics over seeds" in md
+
+
+def test_a_long_pending_list_is_counted_per_grid_and_domain():
+    from kembed.bench import pending_summary
+
+    few = ["current-events sft: train", "current-events sft: eval closed-book-raw"]
+    assert pending_summary(few, ["current-events"]) == "; ".join(few)
+    many = ([f"tune current-events sft (lr x{x}): train" for x in (1, 2)]
+            + [f"medical {m}: {s}" for m in ("base", "sft") for s in ("eval a", "eval b", "retention legal")]
+            + [f"legal sft: eval {i}" for i in range(8)])
+    assert pending_summary(many, ["current-events", "medical", "legal"]) == (
+        "tuning: 2 step(s) of 2 configuration(s); medical: 6 step(s) of 2 model(s); legal: 8 step(s) of 1 model(s)")
