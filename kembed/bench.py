@@ -403,13 +403,62 @@ def tuning_section(models: list[ModelEntry]) -> dict[str, dict]:
     return out
 
 
+def step_kind(label: str, domains: list[str]) -> str:
+    """What a step does, apart from where: ``"<model>: <step>"`` without the domain and the
+    seed (``"rlag: train"``, ``"base: eval closed-book-raw"``); a tuning step is its method's
+    training (``"tune current-events rlag (lr x2, epochs x1): train"`` -> ``"rlag: train"``)."""
+    if label.startswith("tune "):
+        return label.split(" ")[2] + ": train"
+    domain = _domain_of(label, domains)
+    rest = label[len(domain) + 1:] if domain else label
+    return re.sub(r" \(seed \d+\)", "", rest)
+
+
+def recorded_seconds(results_dir: Path, out: Path) -> dict[str, float]:
+    """Step label -> seconds, of the steps that succeeded in this output folder
+    (``bench-steps.jsonl``), else in the committed report of this suite (``results_dir``), else
+    in the committed reports of the other suites beside it: the expectations of
+    :func:`longest_first`."""
+    found: dict[str, float] = {}
+    reports = [results_dir / "results.json",
+               *sorted(p for p in results_dir.parent.glob("*/results.json") if p.parent != results_dir)]
+    for records in [read_jsonl(out / "bench-steps.jsonl", missing_ok=True),
+                    *((earlier_report(p).get("steps") or []) for p in reports)]:
+        for r in records:
+            if isinstance(r, dict) and r.get("returncode") == 0 and isinstance(r.get("seconds"), (int, float)):
+                found.setdefault(str(r.get("step")), float(r["seconds"]))
+    return found
+
+
+def longest_first(steps: list[Step], seconds: dict[str, float], domains: list[str]) -> list[Step]:
+    """``steps`` ordered for :func:`execute` with several jobs: by the expected seconds of the
+    longest chain each step starts (itself and what needs it, transitively), longest first,
+    plan order among equals, so that the longest training starts early instead of running alone
+    at the end. ``seconds``: recorded step times by label (``bench-steps.jsonl`` records of
+    earlier invocations); a step never recorded is expected to take the mean of its kind
+    (:func:`step_kind`), else 0. Needs keep their order: a step waits for them whatever its place."""
+    kinds: dict[str, list[float]] = {}
+    for label, value in seconds.items():
+        kinds.setdefault(step_kind(label, domains), []).append(value)
+    expect = {k: sum(v) / len(v) for k, v in kinds.items()}
+    dependents: dict[str, list[str]] = {}
+    for step in steps:
+        for need in step.needs:
+            dependents.setdefault(need, []).append(step.label)
+    chain: dict[str, float] = {}
+    for step in reversed(steps):  # a step comes after its needs in a plan
+        own = seconds.get(step.label, expect.get(step_kind(step.label, domains), 0.0))
+        chain[step.label] = own + max((chain.get(d, 0.0) for d in dependents.get(step.label, [])), default=0.0)
+    return sorted(steps, key=lambda s: -chain[s.label])
+
+
 def execute(steps: list[Step], console, log_dir: Path, jobs: int = 1, on_step_end=None) -> list[dict]:
     """Run the steps, skipping those already done and those whose needs failed.
 
     With ``jobs`` = 1 the steps run one after the other in order, their output on the console.
     With more, up to ``jobs`` steps run at once (each started in order as soon as its needs have
-    succeeded), each with ``OMP_NUM_THREADS`` = CPU cores // jobs and its output in
-    ``log_dir/logs/<step>.log``.
+    succeeded; :func:`longest_first` gives a good order), each with ``OMP_NUM_THREADS`` = CPU
+    cores // jobs and its output in ``log_dir/logs/<step>.log``.
 
     ``on_step_end()`` is called after each step that ran. Each step that ran appends
     ``{"step", "returncode", "seconds", "max_rss_mb"}`` (wall time; the peak resident memory of
@@ -1506,6 +1555,8 @@ def run_suite(suite: Suite, *, out: Path, results_dir: Path, seeds: int | None =
         write_atomic(log, "\n".join([*earlier, json.dumps(record)]) + "\n")
 
     save(False)
+    if jobs > 1:
+        steps = longest_first(steps, recorded_seconds(results_dir, out), suite.domains)
     failures = execute(steps, console, out, jobs, on_step_end=save)
     record["finished"] = True
     save(False)

@@ -537,3 +537,30 @@ def test_a_long_pending_list_is_counted_per_grid_and_domain():
             + [f"legal sft: eval {i}" for i in range(8)])
     assert pending_summary(many, ["current-events", "medical", "legal"]) == (
         "tuning: 2 step(s) of 2 configuration(s); medical: 6 step(s) of 2 model(s); legal: 8 step(s) of 1 model(s)")
+
+
+def test_longest_first_starts_the_longest_chain_early_and_keeps_needs_before():
+    from kembed.bench import Step, longest_first, step_kind
+
+    domains = ["current-events"]
+    assert step_kind("current-events rlag (seed 43): train", domains) == "rlag: train"
+    assert step_kind("tune current-events rlag (lr x2, epochs x1): train", domains) == "rlag: train"
+    assert step_kind("current-events base: eval closed-book-raw", domains) == "base: eval closed-book-raw"
+
+    def step(label, needs=()):
+        return Step(label, lambda: ["true"], needs=list(needs))
+
+    steps = [step("current-events base: eval a"),
+             step("current-events sft: train"), step("current-events sft: eval a", ["current-events sft: train"]),
+             step("current-events rlag (seed 43): train"),
+             step("current-events rlag (seed 43): eval a", ["current-events rlag (seed 43): train"])]
+    # recorded at another seed: the same kind is expected to take as long
+    seconds = {"current-events rlag (seed 42): train": 3000, "current-events sft: train": 600,
+               "current-events sft: eval a": 100, "current-events rlag (seed 42): eval a": 100,
+               "current-events base: eval a": 400}
+    order = [s.label for s in longest_first(steps, seconds, domains)]
+    assert order[0] == "current-events rlag (seed 43): train"
+    assert order.index("current-events sft: train") < order.index("current-events base: eval a")
+    assert all(order.index(n) < order.index(s.label) for s in steps for n in s.needs)
+    # nothing recorded: the plan's order
+    assert [s.label for s in longest_first(steps, {}, domains)] == [s.label for s in steps]
