@@ -1412,7 +1412,7 @@ def write_report(suite: Suite, rows: list[dict], failures: list[dict], results_d
     lines = [f"# Benchmark suite `{suite.name}`", "", suite.description, "",
              f"- command: `{meta['command']}` (`make bench` for the quick suite: `--jobs 2`); "
              f"{len(invocations)} invocation(s) ({sum(not i.get('finished', True) for i in invocations)} interrupted "
-             f"and resumed), {meta['bench_seconds'] / 60:.0f} min of bench wall time in all"
+             f"or still running when this report was written), {meta['bench_seconds'] / 60:.0f} min of bench wall time in all"
              + (f"; the invocations ran at commit(s) {', '.join(commits)}" if commits else ""),
              f"- date: {meta['date']}; commit: {meta['commit']}; machine: {meta['machine']}",
              f"- accuracy: `{SCORER}` option scoring on the {suite.split} split; 95% CIs bootstrap over questions; "
