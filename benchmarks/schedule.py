@@ -5,7 +5,7 @@
 Replays the suite's plan under :func:`kembed.bench.execute`'s rule (each step starts, in list
 order, as soon as its needs have finished and a job is free) with every step taking the
 seconds the committed ``benchmarks/results/<suite>/results.json`` recorded for it (the mean of
-its kind where the label was not recorded, :func:`kembed.bench.longest_first`). Prints the
+its kind where the label was not recorded, :func:`kembed.bench.expected_seconds`). Prints the
 simulated wall time of the plan's order and of the longest-first order ``kembed bench`` uses
 with several jobs, and their ratio. The recorded times carry whatever contention their run had;
 both orders replay the same times.
@@ -21,16 +21,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from kembed.bench import BENCH_DIR, load_suite, longest_first, plan, recorded_seconds, step_kind  # noqa: E402
+from kembed.bench import BENCH_DIR, expected_seconds, load_suite, longest_first, plan, recorded_seconds  # noqa: E402
 
 
 def simulate(steps, seconds: dict[str, float], domains: list[str], jobs: int) -> float:
     """Seconds until every step has finished, starting steps in list order as needs allow."""
-    kinds: dict[str, list[float]] = {}
-    for label, value in seconds.items():
-        kinds.setdefault(step_kind(label, domains), []).append(value)
-    expect = {k: sum(v) / len(v) for k, v in kinds.items()}
-    took = {s.label: seconds.get(s.label, expect.get(step_kind(s.label, domains), 0.0)) for s in steps}
+    took = expected_seconds(steps, seconds, domains)
     pending, running, finished, now = list(steps), [], set(), 0.0
     while pending or running:
         for step in list(pending):

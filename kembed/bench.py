@@ -23,6 +23,7 @@ import re
 import subprocess
 import sys
 import time
+from statistics import fmean
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -430,25 +431,29 @@ def recorded_seconds(results_dir: Path, out: Path) -> dict[str, float]:
     return found
 
 
+def expected_seconds(steps: list[Step], seconds: dict[str, float], domains: list[str]) -> dict[str, float]:
+    """Label -> the seconds each step is expected to take: its recorded time (``seconds``, by
+    label), else the mean recorded time of its kind (:func:`step_kind`), else 0."""
+    kinds: dict[str, list[float]] = {}
+    for label, value in seconds.items():
+        kinds.setdefault(step_kind(label, domains), []).append(value)
+    return {s.label: seconds.get(s.label, fmean(kinds.get(step_kind(s.label, domains)) or [0.0])) for s in steps}
+
+
 def longest_first(steps: list[Step], seconds: dict[str, float], domains: list[str]) -> list[Step]:
     """``steps`` ordered for :func:`execute` with several jobs: by the expected seconds of the
     longest chain each step starts (itself and what needs it, transitively), longest first,
     plan order among equals, so that the longest training starts early instead of running alone
     at the end. ``seconds``: recorded step times by label (``bench-steps.jsonl`` records of
-    earlier invocations); a step never recorded is expected to take the mean of its kind
-    (:func:`step_kind`), else 0. Needs keep their order: a step waits for them whatever its place."""
-    kinds: dict[str, list[float]] = {}
-    for label, value in seconds.items():
-        kinds.setdefault(step_kind(label, domains), []).append(value)
-    expect = {k: sum(v) / len(v) for k, v in kinds.items()}
+    earlier invocations; :func:`expected_seconds`). Needs keep their order: a step waits for them whatever its place."""
+    took = expected_seconds(steps, seconds, domains)
     dependents: dict[str, list[str]] = {}
     for step in steps:
         for need in step.needs:
             dependents.setdefault(need, []).append(step.label)
     chain: dict[str, float] = {}
     for step in reversed(steps):  # a step comes after its needs in a plan
-        own = seconds.get(step.label, expect.get(step_kind(step.label, domains), 0.0))
-        chain[step.label] = own + max((chain.get(d, 0.0) for d in dependents.get(step.label, [])), default=0.0)
+        chain[step.label] = took[step.label] + max((chain.get(d, 0.0) for d in dependents.get(step.label, [])), default=0.0)
     return sorted(steps, key=lambda s: -chain[s.label])
 
 
