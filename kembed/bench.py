@@ -23,10 +23,10 @@ import re
 import subprocess
 import sys
 import time
-from statistics import fmean
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
+from statistics import fmean
 from typing import Callable
 
 import yaml
