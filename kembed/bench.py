@@ -415,38 +415,40 @@ def step_kind(label: str, domains: list[str]) -> str:
     return re.sub(r" \(seed \d+\)", "", rest)
 
 
-def recorded_seconds(results_dir: Path, out: Path) -> dict[str, float]:
-    """Step label -> seconds, of the steps that succeeded in this output folder
+def recorded(results_dir: Path, out: Path, field: str = "seconds") -> dict[str, float]:
+    """Step label -> its recorded ``field`` (``seconds``, or ``max_rss_mb``: the peak resident
+    memory of its largest process), of the steps that succeeded in this output folder
     (``bench-steps.jsonl``), else in the committed report of this suite (``results_dir``), else
-    in the committed reports of the other suites beside it: the expectations of
-    :func:`longest_first`."""
+    in the committed reports of the other suites beside it: what :func:`expected` extends to
+    steps not recorded yet."""
     found: dict[str, float] = {}
     reports = [results_dir / "results.json",
                *sorted(p for p in results_dir.parent.glob("*/results.json") if p.parent != results_dir)]
     for records in [read_jsonl(out / "bench-steps.jsonl", missing_ok=True),
                     *((earlier_report(p).get("steps") or []) for p in reports)]:
         for r in records:
-            if isinstance(r, dict) and r.get("returncode") == 0 and isinstance(r.get("seconds"), (int, float)):
-                found.setdefault(str(r.get("step")), float(r["seconds"]))
+            if isinstance(r, dict) and r.get("returncode") == 0 and isinstance(r.get(field), (int, float)):
+                found.setdefault(str(r.get("step")), float(r[field]))
     return found
 
 
-def expected_seconds(steps: list[Step], seconds: dict[str, float], domains: list[str]) -> dict[str, float]:
-    """Label -> the seconds each step is expected to take: its recorded time (``seconds``, by
-    label), else the mean recorded time of its kind (:func:`step_kind`), else 0."""
+def expected(steps: list[Step], values: dict[str, float], domains: list[str]) -> dict[str, float]:
+    """Label -> what each step is expected to take (seconds or MiB, :func:`recorded`): its own
+    recorded value (``values``, by label), else the mean recorded value of its kind
+    (:func:`step_kind`), else 0."""
     kinds: dict[str, list[float]] = {}
-    for label, value in seconds.items():
+    for label, value in values.items():
         kinds.setdefault(step_kind(label, domains), []).append(value)
-    return {s.label: seconds.get(s.label, fmean(kinds.get(step_kind(s.label, domains)) or [0.0])) for s in steps}
+    return {s.label: values.get(s.label, fmean(kinds.get(step_kind(s.label, domains)) or [0.0])) for s in steps}
 
 
 def longest_first(steps: list[Step], seconds: dict[str, float], domains: list[str]) -> list[Step]:
     """``steps`` ordered for :func:`execute` with several jobs: by the expected seconds of the
     longest chain each step starts (itself and what needs it, transitively), longest first,
     plan order among equals, so that the longest training starts early instead of running alone
-    at the end. ``seconds``: recorded step times by label (``bench-steps.jsonl`` records of
-    earlier invocations; :func:`expected_seconds`). Needs keep their order: a step waits for them whatever its place."""
-    took = expected_seconds(steps, seconds, domains)
+    at the end. ``seconds``: recorded step times by label (:func:`recorded`, :func:`expected`).
+    Needs keep their order: a step waits for them whatever its place."""
+    took = expected(steps, seconds, domains)
     dependents: dict[str, list[str]] = {}
     for step in steps:
         for need in step.needs:
@@ -457,13 +459,18 @@ def longest_first(steps: list[Step], seconds: dict[str, float], domains: list[st
     return sorted(steps, key=lambda s: -chain[s.label])
 
 
-def execute(steps: list[Step], console, log_dir: Path, jobs: int = 1, on_step_end=None) -> list[dict]:
+def execute(steps: list[Step], console, log_dir: Path, jobs: int = 1, on_step_end=None,
+            memory_mb: dict[str, float] | None = None) -> list[dict]:
     """Run the steps, skipping those already done and those whose needs failed.
 
     With ``jobs`` = 1 the steps run one after the other in order, their output on the console.
     With more, up to ``jobs`` steps run at once (each started in order as soon as its needs have
     succeeded; :func:`longest_first` gives a good order), each with ``OMP_NUM_THREADS`` = CPU
     cores // jobs and its output in ``log_dir/logs/<step>.log``.
+
+    ``memory_mb``: each step's expected peak resident memory (:func:`expected`); with it, a step
+    does not start beside running ones while their expected peaks together would pass 90% of
+    the machine's memory (the next step that fits starts instead; a step alone always starts).
 
     ``on_step_end()`` is called after each step that ran. Each step that ran appends
     ``{"step", "returncode", "seconds", "max_rss_mb"}`` (wall time; the peak resident memory of
@@ -496,6 +503,13 @@ def execute(steps: list[Step], console, log_dir: Path, jobs: int = 1, on_step_en
         proc.returncode = os.waitstatus_to_exitcode(status)
         return proc.returncode, usage.ru_maxrss / 1024  # Linux: KiB
 
+    limit = 0.9 * os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**20 if memory_mb else 0
+
+    def fits(label: str, others: list[str]) -> bool:
+        if not memory_mb or not others:
+            return True
+        return sum(memory_mb.get(x, 0.0) for x in [label, *others]) <= limit
+
     def finish(step: Step, rc: int, rss_mb: float, seconds: float) -> None:
         with open(log_dir / "bench-steps.jsonl", "a") as f:
             f.write(json.dumps({"step": step.label, "returncode": rc, "seconds": round(seconds, 1),
@@ -520,7 +534,8 @@ def execute(steps: list[Step], console, log_dir: Path, jobs: int = 1, on_step_en
                 failed.add(step.label)
                 failures.append({"step": step.label, "blocked_by": blocked[0]})
                 console.print(f"{head}: [yellow]skipped[/] ({blocked[0]} failed)")
-            elif all(n in succeeded for n in step.needs) and len(running) < jobs:
+            elif (all(n in succeeded for n in step.needs) and len(running) < jobs
+                  and fits(step.label, [r[1].label for r in running.values()])):
                 pending.remove(item)
                 if step.done():
                     succeeded.add(step.label)
@@ -1561,8 +1576,9 @@ def run_suite(suite: Suite, *, out: Path, results_dir: Path, seeds: int | None =
 
     save(False)
     if jobs > 1:
-        steps = longest_first(steps, recorded_seconds(results_dir, out), suite.domains)
-    failures = execute(steps, console, out, jobs, on_step_end=save)
+        steps = longest_first(steps, recorded(results_dir, out), suite.domains)
+    memory = expected(steps, recorded(results_dir, out, "max_rss_mb"), suite.domains) if jobs > 1 else None
+    failures = execute(steps, console, out, jobs, on_step_end=save, memory_mb=memory)
     record["finished"] = True
     save(False)
     invocations = read_jsonl(log)

@@ -2,6 +2,7 @@
 on the tiny model and the tiny data directory of conftest."""
 
 import json
+import os
 import sys
 
 import pytest
@@ -540,7 +541,7 @@ def test_a_long_pending_list_is_counted_per_grid_and_domain():
 
 
 def test_longest_first_starts_the_longest_chain_early_and_keeps_needs_before():
-    from kembed.bench import Step, longest_first, step_kind
+    from kembed.bench import longest_first, step_kind
 
     domains = ["current-events"]
     assert step_kind("current-events rlag (seed 43): train", domains) == "rlag: train"
@@ -564,3 +565,22 @@ def test_longest_first_starts_the_longest_chain_early_and_keeps_needs_before():
     assert all(order.index(n) < order.index(s.label) for s in steps for n in s.needs)
     # nothing recorded: the plan's order
     assert [s.label for s in longest_first(steps, {}, domains)] == [s.label for s in steps]
+
+
+def test_a_step_waits_while_its_expected_memory_would_not_fit_beside_the_running_one(tmp_path):
+    from rich.console import Console
+
+    trace = tmp_path / "trace"
+    code = ("import sys, time; f = open(sys.argv[1], 'a'); f.write(sys.argv[2] + ' start\\n'); f.flush(); "
+            "time.sleep(0.5); f.write(sys.argv[2] + ' end\\n')")
+
+    def step(name):
+        return Step(name, lambda: [sys.executable, "-c", code, str(trace), name])
+
+    huge = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**20 * 0.6
+    failures = execute([step("a"), step("b")], Console(quiet=True), tmp_path, jobs=2,
+                       memory_mb={"a": huge, "b": huge})
+    assert failures == [] and trace.read_text().split("\n")[:4] == ["a start", "a end", "b start", "b end"]
+    trace.unlink()
+    execute([step("a"), step("b")], Console(quiet=True), tmp_path, jobs=2, memory_mb={"a": 1.0, "b": 1.0})
+    assert sorted(trace.read_text().split("\n")[:2]) == ["a start", "b start"]  # both fit: they run together
