@@ -459,6 +459,63 @@ def longest_first(steps: list[Step], seconds: dict[str, float], domains: list[st
     return sorted(steps, key=lambda s: -chain[s.label])
 
 
+def memory_limit_mb() -> float:
+    """90% of this machine's physical memory, in MiB: what the expected peaks of steps running
+    at once may add up to (:func:`execute`)."""
+    import os
+
+    return 0.9 * os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**20
+
+
+def simulate(steps: list[Step], seconds: dict[str, float], memory: dict[str, float], domains: list[str],
+             jobs: int) -> float:
+    """Seconds until every step has finished when :func:`execute` runs ``steps`` in list order
+    with ``jobs`` jobs and each takes its expected time and memory (:func:`expected` of the
+    recorded ``seconds`` and ``memory``, :func:`recorded`). A need that is not among ``steps``
+    counts as done."""
+    import heapq
+
+    took, rss, limit = expected(steps, seconds, domains), expected(steps, memory, domains), memory_limit_mb()
+    pending, running, now = list(steps), [], 0.0
+    finished = {n for s in steps for n in s.needs} - {s.label for s in steps}
+    while pending or running:
+        for step in list(pending):
+            fits = not running or rss[step.label] + sum(rss[label] for _, label in running) <= limit
+            if len(running) < jobs and fits and all(n in finished for n in step.needs):
+                pending.remove(step)
+                heapq.heappush(running, (now + took[step.label], step.label))
+        if not running:  # needs that nothing provides
+            break
+        now, label = heapq.heappop(running)
+        finished.add(label)
+    return now
+
+
+def forecast(steps: list[Step], seconds: dict[str, float], memory: dict[str, float], domains: list[str],
+             jobs: int, console) -> float:
+    """Print what ``steps`` are expected to cost (``kembed bench --plan``): per tuning grid and
+    domain the steps, their expected minutes and how many have no recorded time of their kind,
+    then the wall time :func:`simulate` gives with ``jobs``. Returns that wall time in seconds."""
+    from rich.table import Table
+
+    took = expected(steps, seconds, domains)
+    table = Table("steps of", "steps", "expected min", "no recorded time")
+    groups: dict[str, list[str]] = {}
+    for step in steps:
+        groups.setdefault("tuning" if step.label.startswith("tune ") else _domain_of(step.label, domains) or "other",
+                          []).append(step.label)
+    for group, labels in groups.items():
+        table.add_row(group, str(len(labels)), f"{sum(took[x] for x in labels) / 60:.0f}",
+                      str(sum(x not in seconds and took[x] == 0 for x in labels)))
+    wall = simulate(steps, seconds, memory, domains, jobs)
+    console.print(table)
+    console.print(f"{len(steps)} step(s) to run, {sum(took.values()) / 60:.0f} min of expected step time: about "
+                  f"{wall / 60:.0f} min of wall time with --jobs {jobs}. Expected from the step times the committed "
+                  "reports and this output folder recorded (of the same step, else the mean of its kind, else 0); "
+                  "they hold for the machine kind that recorded them.", highlight=False)
+    return wall
+
+
 def execute(steps: list[Step], console, log_dir: Path, jobs: int = 1, on_step_end=None,
             memory_mb: dict[str, float] | None = None) -> list[dict]:
     """Run the steps, skipping those already done and those whose needs failed.
@@ -503,7 +560,7 @@ def execute(steps: list[Step], console, log_dir: Path, jobs: int = 1, on_step_en
         proc.returncode = os.waitstatus_to_exitcode(status)
         return proc.returncode, usage.ru_maxrss / 1024  # Linux: KiB
 
-    limit = 0.9 * os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**20 if memory_mb else 0
+    limit = memory_limit_mb() if memory_mb else 0
 
     def fits(label: str, others: list[str]) -> bool:
         if not memory_mb or not others:
@@ -1512,11 +1569,13 @@ def write_report(suite: Suite, rows: list[dict], failures: list[dict], results_d
 
 def run_suite(suite: Suite, *, out: Path, results_dir: Path, seeds: int | None = None, data_dir: str | None = None,
               jobs: int = 1, console=None, domains: list[str] | None = None,
-              report_only: bool = False) -> tuple[Path, list[dict]]:
+              report_only: bool = False, plan_only: bool = False) -> tuple[Path | None, list[dict]]:
     """Plan, execute and report a suite; returns ``(results.md, failures)``.
 
     ``report_only`` runs nothing and records no invocation: the report covers what has finished
     in ``out`` (another invocation may still be running) and lists the steps not finished yet.
+    ``plan_only`` runs and writes nothing: it prints the steps still to run, what they are
+    expected to cost and the wall time with ``jobs`` (:func:`forecast`), and returns ``(None, [])``.
 
     Steps of trained models that the existing ``results_dir/results.json`` holds finished
     (:func:`finished_models`) and ``out`` has no run of are not run again (a fresh machine):
@@ -1550,7 +1609,14 @@ def run_suite(suite: Suite, *, out: Path, results_dir: Path, seeds: int | None =
         steps = [s for s in steps if s.label.startswith("tune ") or any(s.label.startswith(f"{d} ") for d in domains)]
     here = {(m.domain, m.name) for m in models if m.run is not None and m.run.exists()}  # resumed in out
     steps = skip_finished(steps, finished_models(earlier_report(results_dir / "results.json"), suite) - here)
+    if jobs > 1:
+        steps = longest_first(steps, recorded(results_dir, out), suite.domains)
     log = out / "bench-invocations.jsonl"
+    if plan_only:
+        todo = [s for s in steps if not s.done()]
+        forecast(todo, recorded(results_dir, out), recorded(results_dir, out, "max_rss_mb"), suite.domains, jobs,
+                 console)
+        return None, []
     if report_only:
         done = {s.label for s in steps if s.done()}
         # a judge step has no done check (every invocation re-runs it, cheaply, from its cache): it
@@ -1575,8 +1641,6 @@ def run_suite(suite: Suite, *, out: Path, results_dir: Path, seeds: int | None =
         write_atomic(log, "\n".join([*earlier, json.dumps(record)]) + "\n")
 
     save(False)
-    if jobs > 1:
-        steps = longest_first(steps, recorded(results_dir, out), suite.domains)
     memory = expected(steps, recorded(results_dir, out, "max_rss_mb"), suite.domains) if jobs > 1 else None
     failures = execute(steps, console, out, jobs, on_step_end=save, memory_mb=memory)
     record["finished"] = True

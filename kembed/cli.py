@@ -288,6 +288,9 @@ def bench(suite: str = typer.Argument("quick", help="Suite name (benchmarks/<nam
           report_only: bool = typer.Option(False, "--report-only", help="Run nothing: write the report from what "
                                                                           "has finished in OUT (a bench may still be "
                                                                           "running) and list the steps still to run."),
+          plan_only: bool = typer.Option(False, "--plan", help="Run nothing: print the steps still to run, their "
+                                                                "expected minutes (recorded step times) and the wall "
+                                                                "time with --jobs."),
           data_dir: Optional[str] = DataDir):
     """Train, evaluate, explain and judge every method of a suite; resumable; writes results.md and plots."""
     from kembed.bench import BENCH_DIR, load_suite, run_suite
@@ -297,7 +300,9 @@ def bench(suite: str = typer.Argument("quick", help="Suite name (benchmarks/<nam
                                  results_dir=results_dir or BENCH_DIR / "results" / spec.name, seeds=seeds,
                                  data_dir=data_dir, jobs=jobs, console=console,
                                  domains=[d.strip() for d in domains.split(",") if d.strip()] if domains else None,
-                                 report_only=report_only)
+                                 report_only=report_only, plan_only=plan_only)
+    if report is None:
+        return
     console.print(f"results: {report}")
     if failures:
         console.print(f"[red]{len(failures)} step(s) failed or were skipped[/]: see the Failures section of {report}")
