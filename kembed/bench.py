@@ -341,9 +341,10 @@ def tune_steps(method: str, recipe: str | None, overrides: list[str], spec: Tune
     ``points()`` (label -> the configuration's score, :func:`kembed.tune.run_score`, or None
     while it has none). ``earlier``, ``{"grid", "points": {label: score}}`` from a committed
     report (:func:`earlier_tuning`), supplies the scores of configurations an earlier session
-    finished when its ``grid`` is this one: those are not trained again, so that a grid too
-    long for one session adds up configuration by configuration. Their scores keep their
-    ``carried_from`` mark, which the selection's ``scores`` entries repeat.
+    finished when its ``grid`` is this one and ``out`` has no run of (a run in ``out`` counts
+    first, even one a report written meanwhile holds): those are not trained again, so that a
+    grid too long for one session adds up configuration by configuration. Their scores keep
+    their ``carried_from`` mark, which the selection's ``scores`` entries repeat.
 
     Raises:
         ConfigError, KembedError: the recipe, an override or a grid point is invalid.
@@ -357,12 +358,12 @@ def tune_steps(method: str, recipe: str | None, overrides: list[str], spec: Tune
     carried = (earlier or {}).get("points") or {} if (earlier or {}).get("grid") == key else {}
     points, runs, steps = grid(method, resolved, spec), [], []
     for point in points:
-        if point.label in carried:
-            runs.append(None)
-            continue
         cfg = [*overrides, *point.overrides, *tune_overrides()]
         _, _, point_resolved = prepare_config(method, recipe, cfg, domain=domain, data_dir=data_dir)
         run = out / domain / f"{method}-{config_hash(point_resolved)}"
+        if point.label in carried and not run.is_dir():  # a run in this output folder counts first
+            runs.append(None)
+            continue
         argv = [*kembed, "train", method, "--domain", domain, "--output", str(run), *cfg,
                 *(["--data-dir", data_dir] if data_dir else []), *(["--recipe", recipe] if recipe else [])]
         steps.append(Step(f"tune {domain} {method} ({point.label}): train",

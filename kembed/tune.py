@@ -173,7 +173,7 @@ def summary_lines(method: str, result: dict) -> list[str]:
     for s in result["scores"]:
         mark = " (selected)" if s["label"] == result["selected"] else ""
         if s.get("carried_from"):
-            mark += f" (carried over: commit {str(s['carried_from'].get('commit'))[:12]})"
+            mark += f" (carried over: commit {s['carried_from'].get('commit')})"
         score = "not scored" if s["score"] is None else f"{100 * s['score']:.1f}" + (f" ({s['n']})" if s["n"] else "")
         allv = "-" if s["validation"] is None else f"{100 * s['validation']:.1f}"
         lines.append(f"| {s['label']}{mark} | {score} | {allv} |")

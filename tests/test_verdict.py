@@ -222,6 +222,9 @@ def test_a_later_session_reuses_the_tuning_configurations_a_report_holds(data_di
     assert all(s["carried_from"]["commit"] == commit for s in selection["scores"])
     assert next(s for s in steps if s.label == "current-events cpt-sft: train").needs == [
         "tune current-events cpt-sft (lr x0.5, epochs x1): train"]
+    # the first session's own output folder: its runs count, not the report written meanwhile
+    _, here = plan(spec, tmp_path / "a", seeds=1, carried_tuning=tuned)
+    assert not any("carried_from" in s for s in next(m for m in here if m.method == "sft").tuning()["scores"])
     # a later report keeps the first report's mark on what it carried
     write_report(spec, [], [], tmp_path / "results2", [], tuning=tuning_section(models))
     again = earlier_tuning(tmp_path / "results2" / "results.json", spec)
