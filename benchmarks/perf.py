@@ -21,8 +21,9 @@ same thing):
   grad_accum examples, AdamW, gradient clipping): kembed's loss (bf16 autocast, logits only
   where a loss looks) vs the fp32 reference with full logits on the same padded batches, and
   under bf16 the ``train.weights: bf16`` option (bf16 weights, no autocast, optimi's
-  Kahan-summed AdamW), and, where inductor can build kernels, ``train.compile: true`` alone and
-  with bf16 weights (the first, compiling step timed apart as ``compile_seconds``); each
+  Kahan-summed AdamW), and, with ``--compile`` where inductor can build kernels,
+  ``train.compile: true`` alone and with bf16 weights (the two warm-up steps, compiling, timed
+  apart as ``compile_seconds``); each
   option's ``vs_kembed``: its speed over kembed's default path. The training targets take each
   method's fastest path;
 - model load: the cached safetensors vs de-quantizing the GGUF file;
@@ -390,7 +391,7 @@ def train_steps(model, batches: list[dict], loss_fn, placement: Placement, grad_
 
 
 def train_lines(name: str, base_model, batches: list[dict], loss_fn, reference_fn, placement: Placement,
-                grad_accum: int, step_flops, flops: FlopCount) -> list[dict]:
+                grad_accum: int, step_flops, flops: FlopCount, compiled_lines: bool = False) -> list[dict]:
     """kembed's training steps vs the fp32 full-logits reference on the same batches and weights."""
     timed = batches[grad_accum:]
     tokens = sum(real_tokens(b) for b in timed)
@@ -413,7 +414,7 @@ def train_lines(name: str, base_model, batches: list[dict], loss_fn, reference_f
     for label, bf16, compiled in (("train.weights: bf16 (optimi Kahan AdamW)", True, False),
                                   ("train.compile: true (inductor)", False, True),
                                   ("train.weights: bf16 + train.compile: true", True, True)):
-        if (bf16 and placement.precision != "bf16") or (compiled and (not can_compile(placement)
+        if (bf16 and placement.precision != "bf16") or (compiled and (not compiled_lines or not can_compile(placement)
                                                                      or len(batches) // grad_accum < 3)):
             continue  # a compiled line needs a timed step after its two warm-up steps
         model = copy.deepcopy(base_model)
@@ -704,6 +705,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--generation-prompts", type=int, default=24, help="explanation prompts generated")
     parser.add_argument("--steps", type=int, default=3, help="timed optimizer steps per training line")
     parser.add_argument("--quick", action="store_true", help="a few items per line (a smoke run)")
+    parser.add_argument("--compile", action="store_true",
+                        help="also time train.compile: true per training line (RLAG's compiling steps ran over 18 min "
+                             "on the 2-core AMD EPYC without finishing: each new batch shape compiles again)")
     parser.add_argument("--no-lmeval", action="store_true", help="skip lm-evaluation-harness even when installed")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--markdown", metavar="PERF_JSON", help="print a saved perf.json as Markdown and exit")
@@ -769,7 +773,8 @@ def main(argv: list[str] | None = None) -> int:
     collate_rlag = rlag.make_collate(tokenizer.pad_token_id)
     rlag_batches = batches_of(examples, collate_rlag, bs, g * (args.steps + 1))
     rows += train_lines("RLAG", model, rlag_batches, rlag.make_loss_fn(rlag_cfg),
-                        rlag.make_loss_fn(rlag_cfg, rlag.mean_logprobs_reference), placement, g, rlag_step_flops, flops)
+                        rlag.make_loss_fn(rlag_cfg, rlag.mean_logprobs_reference), placement, g, rlag_step_flops, flops,
+                        args.compile)
     console.print("RLAG steps done")
 
     sft_run, sft_cfg, _ = prepare_config("sft", None, [f"domain={args.domain}"])
@@ -777,7 +782,8 @@ def main(argv: list[str] | None = None) -> int:
     lm_collate = make_lm_collate(tokenizer.pad_token_id)
     g, bs = sft_run.train.grad_accum, sft_run.train.batch_size
     sft_batches = batches_of(sft_examples, lm_collate, bs, g * (args.steps + 1))
-    rows += train_lines("SFT", model, sft_batches, lm_loss, lm_loss_reference, placement, g, lm_step_flops, flops)
+    rows += train_lines("SFT", model, sft_batches, lm_loss, lm_loss_reference, placement, g, lm_step_flops, flops,
+                        args.compile)
     console.print("SFT steps done")
 
     cpt_run, cpt_cfg, _ = prepare_config("cpt", None, [f"domain={args.domain}"])
@@ -786,7 +792,8 @@ def main(argv: list[str] | None = None) -> int:
     g, bs = cpt_run.train.grad_accum, cpt_run.train.batch_size
     cpt_batches = batches_of([{"input_ids": b, "loss_mask": [1] * len(b)} for b in blocks], lm_collate, bs,
                              g * (args.steps + 1))
-    rows += train_lines("CPT", model, cpt_batches, lm_loss, lm_loss_reference, placement, g, lm_step_flops, flops)
+    rows += train_lines("CPT", model, cpt_batches, lm_loss, lm_loss_reference, placement, g, lm_step_flops, flops,
+                        args.compile)
     console.print("CPT steps done")
 
     rows += load_lines(placement)
