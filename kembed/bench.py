@@ -355,7 +355,8 @@ def tune_steps(method: str, recipe: str | None, overrides: list[str], spec: Tune
     kembed = train_command(launch)
     _, _, resolved = prepare_config(method, recipe, overrides, domain=domain, data_dir=data_dir)
     key = config_hash({"resolved": resolved, "tune": spec.model_dump(), "domain": domain})
-    carried = (earlier or {}).get("points") or {} if (earlier or {}).get("grid") == key else {}
+    earlier = earlier or {}
+    carried = (earlier.get("points") or {}) if earlier.get("grid") == key else {}
     points, runs, steps = grid(method, resolved, spec), [], []
     for point in points:
         cfg = [*overrides, *point.overrides, *tune_overrides()]
@@ -456,7 +457,8 @@ def longest_first(steps: list[Step], seconds: dict[str, float], domains: list[st
             dependents.setdefault(need, []).append(step.label)
     chain: dict[str, float] = {}
     for step in reversed(steps):  # a step comes after its needs in a plan
-        chain[step.label] = took[step.label] + max((chain.get(d, 0.0) for d in dependents.get(step.label, [])), default=0.0)
+        after = [chain.get(d, 0.0) for d in dependents.get(step.label, [])]
+        chain[step.label] = took[step.label] + max(after, default=0.0)
     return sorted(steps, key=lambda s: -chain[s.label])
 
 
@@ -503,8 +505,7 @@ def forecast(steps: list[Step], seconds: dict[str, float], memory: dict[str, flo
     table = Table("steps of", "steps", "expected min", "no recorded time")
     groups: dict[str, list[str]] = {}
     for step in steps:
-        groups.setdefault("tuning" if step.label.startswith("tune ") else _domain_of(step.label, domains) or "other",
-                          []).append(step.label)
+        groups.setdefault(_group_of(step.label, domains), []).append(step.label)
     for group, labels in groups.items():
         table.add_row(group, str(len(labels)), f"{sum(took[x] for x in labels) / 60:.0f}",
                       str(sum(x not in seconds and took[x] == 0 for x in labels)))
@@ -1256,10 +1257,14 @@ def pending_summary(pending: list[str], domains: list[str], most: int = 12) -> s
         return "; ".join(pending)
     groups: dict[str, list[str]] = {}
     for label in pending:
-        domain = "tuning" if label.startswith("tune ") else _domain_of(label, domains) or "other"
-        groups.setdefault(domain, []).append(label.split(": ")[0])
+        groups.setdefault(_group_of(label, domains), []).append(label.split(": ")[0])
     return "; ".join(f"{g}: {len(labels)} step(s) of {len(set(labels))} "
                      f"{'configuration' if g == 'tuning' else 'model'}(s)" for g, labels in groups.items())
+
+
+def _group_of(label: str, domains: list[str]) -> str:
+    """``"tuning"`` for a step of a tuning grid, else the step's domain (``"other"`` if none)."""
+    return "tuning" if label.startswith("tune ") else _domain_of(label, domains) or "other"
 
 
 def _domain_of(label: str, domains: list[str]) -> str | None:
@@ -1483,14 +1488,16 @@ def write_report(suite: Suite, rows: list[dict], failures: list[dict], results_d
     missing = without_outcomes(rows, labels)
     times = time_breakdown(step_times or [])
     write_atomic(results_dir / "results.json", _results_json(
-        {**meta, "tuning": tuning or {}, "rows": rows, "over_seeds": summary, "ranking": ranking, "without_outcomes": missing,
+        {**meta, "tuning": tuning or {}, "rows": rows, "over_seeds": summary, "ranking": ranking,
+         "without_outcomes": missing,
          "steps": step_times or [], "time_breakdown": times}))
     plots = plot(rows, labels, results_dir)
     commits = list(dict.fromkeys(i["commit"] for i in invocations if i.get("commit")))
     lines = [f"# Benchmark suite `{suite.name}`", "", suite.description, "",
              f"- command: `{meta['command']}` (`make bench` for the quick suite: `--jobs 2`); "
              f"{len(invocations)} invocation(s) ({sum(not i.get('finished', True) for i in invocations)} interrupted "
-             f"or still running when this report was written), {meta['bench_seconds'] / 60:.0f} min of bench wall time in all"
+             f"or still running when this report was written), {meta['bench_seconds'] / 60:.0f} min of bench wall "
+             "time in all"
              + (f"; the invocations ran at commit(s) {', '.join(commits)}" if commits else ""),
              f"- date: {meta['date']}; commit: {meta['commit']}; machine: {meta['machine']}",
              f"- accuracy: `{SCORER}` option scoring on the {suite.split} split; 95% CIs bootstrap over questions; "
