@@ -706,8 +706,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=3, help="timed optimizer steps per training line")
     parser.add_argument("--quick", action="store_true", help="a few items per line (a smoke run)")
     parser.add_argument("--compile", action="store_true",
-                        help="also time train.compile: true per training line (RLAG's compiling steps ran over 18 min "
-                             "on the 2-core AMD EPYC without finishing: each new batch shape compiles again)")
+                        help="also time train.compile: true per training line (on the 2-core AMD EPYC, RLAG's "
+                             "training lines had run 16 min, its compiled warm-up over 10 of them, when stopped)")
     parser.add_argument("--no-lmeval", action="store_true", help="skip lm-evaluation-harness even when installed")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--markdown", metavar="PERF_JSON", help="print a saved perf.json as Markdown and exit")
