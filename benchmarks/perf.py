@@ -44,7 +44,6 @@ import copy
 import json
 import os
 import platform
-import shutil
 import sys
 import threading
 import time
@@ -58,6 +57,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # lmeval_peer beside t
 
 from kembed.config import TrainConfig  # noqa: E402
 from kembed.data import load_records, training_sample  # noqa: E402
+from kembed.errors import ConfigError  # noqa: E402
 from kembed.evaluate import score_records  # noqa: E402
 from kembed.methods import cpt, rlag, sft  # noqa: E402
 from kembed.methods.common import lm_loss, lm_loss_reference, make_lm_collate  # noqa: E402
@@ -65,7 +65,7 @@ from kembed.models import DEFAULT_MODEL, Placement, choose_placement, load_model
 from kembed.runs import cpu_model  # noqa: E402
 from kembed.scoring import OptionScorer, logprob_sums_shared_prefix, token_budget_batches  # noqa: E402
 from kembed.train import prepare_config  # noqa: E402
-from kembed.trainer import cast_for_training, make_optimizer  # noqa: E402
+from kembed.trainer import cast_for_training, check_train_options, make_optimizer  # noqa: E402
 
 BF16_TOLERANCE = 0.05  # relative loss difference accepted between bf16 autocast and fp32
 FP32_TOLERANCE = 1e-4  # absolute log-prob / loss difference accepted when both run in fp32
@@ -447,9 +447,13 @@ def train_lines(name: str, base_model, batches: list[dict], loss_fn, reference_f
 
 
 def can_compile(placement: Placement) -> bool:
-    """Whether ``train.compile`` can run here: inductor builds C++ kernels on CPU
-    (``$CXX``, else ``g++``, as :func:`kembed.trainer.check_train_options` requires)."""
-    return placement.device != "cpu" or shutil.which(os.environ.get("CXX", "g++")) is not None
+    """Whether ``train.compile`` can run here (:func:`kembed.trainer.check_train_options`: on CPU
+    inductor needs a C++ compiler)."""
+    try:
+        check_train_options(TrainConfig(compile=True), placement)
+    except ConfigError:
+        return False
+    return True
 
 
 def batches_of(examples: list[dict], collate, size: int, count: int) -> list[dict]:

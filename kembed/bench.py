@@ -1617,13 +1617,12 @@ def run_suite(suite: Suite, *, out: Path, results_dir: Path, seeds: int | None =
         steps = [s for s in steps if s.label.startswith("tune ") or any(s.label.startswith(f"{d} ") for d in domains)]
     here = {(m.domain, m.name) for m in models if m.run is not None and m.run.exists()}  # resumed in out
     steps = skip_finished(steps, finished_models(earlier_report(results_dir / "results.json"), suite) - here)
+    seconds, memory = recorded(results_dir, out), recorded(results_dir, out, "max_rss_mb")
     if jobs > 1:
-        steps = longest_first(steps, recorded(results_dir, out), suite.domains)
+        steps = longest_first(steps, seconds, suite.domains)
     log = out / "bench-invocations.jsonl"
     if plan_only:
-        todo = [s for s in steps if not s.done()]
-        forecast(todo, recorded(results_dir, out), recorded(results_dir, out, "max_rss_mb"), suite.domains, jobs,
-                 console)
+        forecast([s for s in steps if not s.done()], seconds, memory, suite.domains, jobs, console)
         return None, []
     if report_only:
         done = {s.label for s in steps if s.done()}
@@ -1649,8 +1648,8 @@ def run_suite(suite: Suite, *, out: Path, results_dir: Path, seeds: int | None =
         write_atomic(log, "\n".join([*earlier, json.dumps(record)]) + "\n")
 
     save(False)
-    memory = expected(steps, recorded(results_dir, out, "max_rss_mb"), suite.domains) if jobs > 1 else None
-    failures = execute(steps, console, out, jobs, on_step_end=save, memory_mb=memory)
+    failures = execute(steps, console, out, jobs, on_step_end=save,
+                       memory_mb=expected(steps, memory, suite.domains) if jobs > 1 else None)
     record["finished"] = True
     save(False)
     invocations = read_jsonl(log)
