@@ -456,10 +456,10 @@ def can_compile(placement: Placement) -> bool:
     return True
 
 
-def batches_of(examples: list[dict], collate, size: int, count: int) -> list[dict]:
-    """``count`` collated batches of ``size`` examples in order (cycling if needed)."""
+def batches_of(examples: list[dict], collate, size: int, count: int, device: str) -> list[dict]:
+    """``count`` collated batches of ``size`` examples in order (cycling if needed), on ``device``."""
     rows = (examples * (1 + size * count // max(len(examples), 1)))[: size * count]
-    return [collate(rows[i:i + size]) for i in range(0, len(rows), size)]
+    return [{k: v.to(device) for k, v in collate(rows[i:i + size]).items()} for i in range(0, len(rows), size)]
 
 
 def load_lines(placement: Placement) -> list[dict]:
@@ -775,7 +775,7 @@ def main(argv: list[str] | None = None) -> int:
     by_id = {r.id: r for r in train_records}
     examples = [rlag.build_example(tokenizer, by_id[p["id"]], p, run_cfg.prompts, rlag_cfg) for p in pairs]
     collate_rlag = rlag.make_collate(tokenizer.pad_token_id)
-    rlag_batches = batches_of(examples, collate_rlag, bs, g * (args.steps + 1))
+    rlag_batches = batches_of(examples, collate_rlag, bs, g * (args.steps + 1), placement.device)
     rows += train_lines("RLAG", model, rlag_batches, rlag.make_loss_fn(rlag_cfg),
                         rlag.make_loss_fn(rlag_cfg, rlag.mean_logprobs_reference), placement, g, rlag_step_flops, flops,
                         args.compile)
@@ -785,7 +785,7 @@ def main(argv: list[str] | None = None) -> int:
     sft_examples = [sft.build_example(tokenizer, r, sft_run.prompts, sft_cfg) for r in train_records]
     lm_collate = make_lm_collate(tokenizer.pad_token_id)
     g, bs = sft_run.train.grad_accum, sft_run.train.batch_size
-    sft_batches = batches_of(sft_examples, lm_collate, bs, g * (args.steps + 1))
+    sft_batches = batches_of(sft_examples, lm_collate, bs, g * (args.steps + 1), placement.device)
     rows += train_lines("SFT", model, sft_batches, lm_loss, lm_loss_reference, placement, g, lm_step_flops, flops,
                         args.compile)
     console.print("SFT steps done")
@@ -795,7 +795,7 @@ def main(argv: list[str] | None = None) -> int:
     blocks = cpt.token_blocks(tokenizer, documents, cpt_cfg.block_size)
     g, bs = cpt_run.train.grad_accum, cpt_run.train.batch_size
     cpt_batches = batches_of([{"input_ids": b, "loss_mask": [1] * len(b)} for b in blocks], lm_collate, bs,
-                             g * (args.steps + 1))
+                             g * (args.steps + 1), placement.device)
     rows += train_lines("CPT", model, cpt_batches, lm_loss, lm_loss_reference, placement, g, lm_step_flops, flops,
                         args.compile)
     console.print("CPT steps done")

@@ -31,3 +31,8 @@ class ConfigError(KembedError):
 
 class ModelError(KembedError):
     """A model argument that cannot be resolved or loaded offline."""
+
+
+class TrainingError(KembedError):
+    """Training that cannot go on, e.g. a non-finite loss or gradient norm (the weights would be
+    NaN from that step on)."""

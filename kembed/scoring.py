@@ -46,6 +46,7 @@ from kembed.errors import ModelError
 from kembed.models import Placement, inference_weights
 from kembed.prompts import FORMATS, PromptFormat, answer_stem, documents_prompt, raft_prompt, truncate_knowledge
 from kembed.records import QARecord
+from kembed.tensors import model_attention_mask
 
 SCORERS = ("token_mean", "sum", "char_norm")
 IMPLEMENTATIONS = ("packed", "shared_prefix", "reference")
@@ -345,10 +346,7 @@ def logprob_sums_packed(model, questions: list[tuple[list[int], list[list[int]]]
     index = torch.arange(len(ids), device=device)  # [S]
     allowed = ((question_ids[:, None] == question_ids[None, :]) & (index[None, :] <= index[:, None])
                & ((option_ids[None, :] == 0) | (option_ids[None, :] == option_ids[:, None])))  # [S, S]: query, key
-    mask = allowed[None, None]  # [1, 1, S, S]: True = attend (SDPA's boolean mask)
-    if getattr(model.config, "_attn_implementation", "sdpa") == "eager":  # eager adds the mask to the scores
-        dtype = next(model.parameters()).dtype
-        mask = torch.zeros(mask.shape, dtype=dtype, device=device).masked_fill(~mask, torch.finfo(dtype).min)
+    mask = model_attention_mask(allowed[None, None], model)  # [1, 1, S, S]
     keep, row_of = torch.unique(torch.tensor(predictor, device=device), return_inverse=True)  # [K], [T]
     logits = model(input_ids=torch.tensor([ids], device=device), attention_mask=mask,
                    position_ids=torch.tensor([positions], device=device), use_cache=False,

@@ -14,3 +14,49 @@ def left_pad(rows: list[list[int]], value: int) -> torch.Tensor:
     """
     longest = max(len(r) for r in rows)
     return torch.tensor([[value] * (longest - len(r)) + r for r in rows])
+
+
+def model_attention_mask(allowed: torch.Tensor, model) -> torch.Tensor:
+    """A boolean attention mask (True = attend) in the form ``model``'s attention takes: as is
+    for SDPA, additive (0 where allowed, the dtype's minimum elsewhere) for eager attention,
+    which adds the mask to the scores.
+
+    Args:
+        allowed: ``[n, 1, q, k]`` boolean.
+
+    Returns:
+        ``[n, 1, q, k]``, boolean or in the dtype of ``model``'s weights.
+    """
+    if getattr(model.config, "_attn_implementation", "sdpa") != "eager":
+        return allowed
+    dtype = next(model.parameters()).dtype
+    return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(~allowed, torch.finfo(dtype).min)
+
+
+def padded_batch_mask(attention: torch.Tensor, model) -> torch.Tensor:
+    """The attention mask to train a left-padded batch with, in which no query row is empty.
+
+    A real token attends to the real tokens at or before it, as under the causal padding mask
+    transformers builds from ``attention``. A padding token attends to itself alone, where that
+    mask leaves its row empty. Nothing reads a padding position's output (no real token
+    attends to it, and no loss reads it), so the loss and its gradient are those of the
+    ``attention`` mask wherever that row has a finite gradient. Empty rows are an edge case of
+    the fused SDPA kernels (pytorch/pytorch#103749, #109517: NaN outputs for fully masked
+    rows); transformers unmasked them itself before torch 2.5 (``allow_torch_fix`` in
+    ``masking_utils.sdpa_mask``).
+
+    Args:
+        attention: ``[n, s]``, 1 for a real token, 0 for padding (left-padded rows).
+        model: the model the mask is for (see :func:`model_attention_mask`).
+
+    Returns:
+        ``attention`` unchanged when no row is padded, or when the model's attention is neither
+        SDPA nor eager (flash attention takes no 4D mask); else ``[n, 1, s, s]``.
+    """
+    if bool(attention.all()) or getattr(model.config, "_attn_implementation", "sdpa") not in ("sdpa", "eager"):
+        return attention
+    s = attention.shape[1]
+    causal = torch.ones(s, s, dtype=torch.bool, device=attention.device).tril()  # [s, s]: query, key
+    eye = torch.eye(s, dtype=torch.bool, device=attention.device)
+    allowed = (causal[None] & attention.bool()[:, None, :]) | eye[None]  # [n, s, s]
+    return model_attention_mask(allowed[:, None], model)

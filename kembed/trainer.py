@@ -9,6 +9,7 @@ directory. A method supplies examples, a collator and a loss function.
 
 from __future__ import annotations
 
+import math
 import tempfile
 from collections import defaultdict
 from pathlib import Path
@@ -19,7 +20,7 @@ from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from kembed import distributed
 from kembed.config import TrainConfig
-from kembed.errors import ConfigError
+from kembed.errors import ConfigError, TrainingError
 from kembed.models import Placement
 
 #: ``loss_fn(model, batch) -> (loss, metrics)``: a scalar loss tensor and floats to log.
@@ -225,7 +226,12 @@ class MethodTrainer(Trainer):
 
 
 class _RunLogger(TrainerCallback):
-    """Sends each training log to ``on_log(step, logs)`` and advances a progress callback."""
+    """Sends each training log to ``on_log(step, logs)`` and advances a progress callback.
+
+    Raises:
+        TrainingError: a logged loss or gradient norm is not finite (checked after the log is
+            sent, so the run's metrics keep the step).
+    """
 
     def __init__(self, log_fn, step_fn):
         self.log_fn, self.step_fn = log_fn, step_fn
@@ -233,6 +239,12 @@ class _RunLogger(TrainerCallback):
     def on_log(self, args, state, control, logs=None, **kwargs):
         if self.log_fn and logs:
             self.log_fn(state.global_step, dict(logs))
+        bad = {k: logs[k] for k in ("loss", "grad_norm") if k in (logs or {}) and not math.isfinite(logs[k])}
+        if bad:
+            raise TrainingError(
+                f"training diverged at optimizer step {state.global_step}: "
+                + ", ".join(f"{k} {v}" for k, v in bad.items())
+                + "; the weights are not saved (precision=fp32 or a lower train.learning_rate may help)")
 
     def on_step_end(self, args, state, control, **kwargs):
         if self.step_fn:
@@ -299,6 +311,7 @@ def fit(model, examples: list[dict], collate: Callable[[list[dict]], dict], loss
             torch_compile=cfg.compile,
             use_cpu=placement.device == "cpu",
             logging_steps=1,
+            logging_nan_inf_filter=False,  # a NaN loss is logged as NaN (and stops the run: _RunLogger)
             save_strategy="epoch" if checkpoint_dir else "no",
             save_total_limit=1,
             save_only_model=False,

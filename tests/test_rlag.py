@@ -156,6 +156,31 @@ def test_loss_fn_equals_direct_computation_and_gradient(tiny_model, tiny_tokeniz
     assert reference.item() == pytest.approx(direct.item(), abs=1e-5)  # the make-perf reference, full logits
 
 
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_a_padded_batch_leaves_no_attention_row_empty_and_scores_each_row_as_alone(tiny_model, tiny_tokenizer,
+                                                                                  attn):
+    """Padding positions attend to themselves (fused SDPA kernels give NaN for empty rows);
+    each real row's mean log-prob and its gradient are those of the row alone, unpadded."""
+    from kembed.tensors import padded_batch_mask
+
+    tiny_model.set_attn_implementation(attn)
+    batch = make_collate(tiny_tokenizer.pad_token_id)(_examples(tiny_tokenizer, Config()))
+    ids, attention, mask = batch["knowledge_ids"], batch["knowledge_attention"], batch["knowledge_mask"]
+    assert not attention.all()  # rows of different lengths
+    four_d = padded_batch_mask(attention, tiny_model)
+    allowed = four_d if four_d.dtype == torch.bool else four_d == 0
+    assert allowed.shape == (len(ids), 1, ids.shape[1], ids.shape[1]) and allowed.any(-1).all()
+    batched = rlag.mean_logprobs(tiny_model, ids, attention, mask)
+    params = list(tiny_model.parameters())
+    for i in range(len(ids)):
+        real = attention[i].bool()
+        alone = rlag.mean_logprobs(tiny_model, ids[i, real][None], attention[i, real][None], mask[i, real][None])
+        assert batched[i].item() == pytest.approx(alone.item(), abs=1e-5)
+        for g, d in zip(torch.autograd.grad(batched[i], params, retain_graph=True), torch.autograd.grad(alone, params)):
+            assert torch.allclose(g, d, atol=1e-5)
+    assert padded_batch_mask(torch.ones(2, 5, dtype=torch.long), tiny_model).shape == (2, 5)  # no padding: as is
+
+
 def test_per_term_gradient_norms_add_up_and_show_saturation(tiny_model, tiny_tokenizer):
     """The terms' gradient shares sum to the loss gradient; a clipped term contributes nothing;
     the norms are logged every ``grad_norm_every`` micro-batches only."""

@@ -69,6 +69,26 @@ def test_the_scheduler_equals_the_reference_over_long_runs(tmp_path):
                 scheduler.step()
 
 
+def test_a_non_finite_loss_stops_training_with_a_training_error(tiny_model):
+    """A NaN loss at the second step raises TrainingError naming that step, after the first
+    step was logged; before, transformers logged the window's mean instead and trained on NaN."""
+    from kembed.errors import TrainingError
+
+    calls = []
+
+    def loss_at_step_two(model, batch):
+        loss, metrics = lm_loss(model, batch)
+        calls.append(1)
+        return (loss * float("nan") if len(calls) == 2 else loss), metrics
+
+    examples = [{"input_ids": [5, 6, 7, 8], "loss_mask": [0, 1, 1, 1]}] * 4
+    logged = []
+    with pytest.raises(TrainingError, match="optimizer step 2: loss nan"):
+        fit(tiny_model, examples, make_lm_collate(0), loss_at_step_two, TrainConfig(batch_size=1, checkpoints=False),
+            Placement("cpu", "fp32"), epochs=1, seed=0, on_log=lambda step, values: logged.append(step))
+    assert logged == [1, 2]
+
+
 # ----------------------------------------------------------------------------- weights: bf16, compile
 
 

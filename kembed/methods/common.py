@@ -8,7 +8,7 @@ import re
 import torch
 import torch.nn.functional as F
 
-from kembed.tensors import left_pad
+from kembed.tensors import left_pad, padded_batch_mask
 
 
 def chat_answer_ids(tokenizer, user: str, answer: str, span: str = "answer") -> tuple[list[int], list[int]]:
@@ -60,7 +60,8 @@ def lm_loss(model, batch: dict) -> tuple[torch.Tensor, dict]:
 
     Only the columns from the one before the earliest labelled token go through the LM head
     (``logits_to_keep``): left-padded rows end with their labelled tokens, so SFT-style
-    batches skip the ``[b, prompt, vocab]`` logits of the prompt. Equal to
+    batches skip the ``[b, prompt, vocab]`` logits of the prompt. A padded batch runs under
+    :func:`kembed.tensors.padded_batch_mask` (no empty attention row). Equal to
     :func:`lm_loss_reference` up to float error.
 
     Args:
@@ -74,7 +75,8 @@ def lm_loss(model, batch: dict) -> tuple[torch.Tensor, dict]:
     first = int((labels != -100).float().argmax(1).min())  # earliest labelled column
     keep = min(s, s - first + 1)  # the column before it predicts it
     positions = (attention.cumsum(1) - 1).clamp(min=0)  # [b, s]
-    logits = model(input_ids=ids, attention_mask=attention, position_ids=positions, logits_to_keep=keep).logits
+    logits = model(input_ids=ids, attention_mask=padded_batch_mask(attention, model), position_ids=positions,
+                   logits_to_keep=keep).logits
     targets = labels[:, s - keep + 1:]  # [b, keep - 1]: the tokens columns s-keep .. s-2 predict
     loss = F.cross_entropy(logits[:, :-1].float().flatten(0, 1), targets.flatten(), ignore_index=-100)
     return loss, {}

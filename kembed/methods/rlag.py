@@ -29,7 +29,8 @@ from pydantic import Field, model_validator
 
 from kembed.config import Strict
 from kembed.errors import ConfigError
-from kembed.methods.common import chat_answer_ids, left_pad, save_examples
+from kembed.methods.common import chat_answer_ids, save_examples
+from kembed.tensors import left_pad, padded_batch_mask
 from kembed.records import QARecord
 from kembed.scoring import gather_logprobs
 
@@ -264,7 +265,8 @@ def mean_logprobs(model, ids: torch.Tensor, attention: torch.Tensor, mask: torch
     """Mean log-prob of the masked tokens of each left-padded row.
 
     Only the last columns that hold scored tokens go through the LM head (``logits_to_keep``),
-    which spares the ``[n, s, vocab]`` logits of the prompt.
+    which spares the ``[n, s, vocab]`` logits of the prompt. A padded batch runs under
+    :func:`kembed.tensors.padded_batch_mask` (no empty attention row).
 
     Args:
         ids, attention, mask: ``[n, s]``, left-padded; ``mask`` marks the scored tokens (a
@@ -277,7 +279,8 @@ def mean_logprobs(model, ids: torch.Tensor, attention: torch.Tensor, mask: torch
     first = int(mask.float().argmax(1).min())  # earliest scored column
     keep = min(s, s - first + 1)  # the column before it predicts it
     positions = (attention.cumsum(1) - 1).clamp(min=0)  # [n, s]: real tokens at 0, 1, ...
-    logits = model(input_ids=ids, attention_mask=attention, position_ids=positions, logits_to_keep=keep).logits
+    logits = model(input_ids=ids, attention_mask=padded_batch_mask(attention, model), position_ids=positions,
+                   logits_to_keep=keep).logits
     token_lp = gather_logprobs(logits, ids[:, s - keep:])  # [n, keep-1]: tokens s-keep+1 .. s-1
     m = mask[:, s - keep + 1:].to(token_lp.dtype)  # [n, keep-1]
     return (token_lp * m).sum(1) / m.sum(1).clamp(min=1)
