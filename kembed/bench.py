@@ -299,10 +299,9 @@ def plan(suite: Suite, out: Path, seeds: int | None = None, data_dir: str | None
                     if method in suite.recipes:
                         argv += ["--recipe", suite.recipes[method]]
                     label = f"{domain} {name}: train"
-                    steps.append(Step(label, lambda a=argv, r=run, o=seeded, t=selection: (
-                        [*a, "--resume"] if (r / "kembed-run.json").is_file()
-                        else [*a, *o[:-1], *(t()["overrides"] if t else []), o[-1]]),
-                        lambda r=run: _finished(r), needs=selection.needs if selection else []))
+                    steps.append(Step(label, lambda a=argv, r=run, o=seeded, t=selection, m=method, d=domain:
+                                      _train_or_reuse(a, r, o, t, m, suite.recipes.get(m), d, data_dir),
+                                      lambda r=run: _finished(r), needs=selection.needs if selection else []))
                     entry = ModelEntry(domain, name, method, seed, str(run), run,
                                        {s.label: run / f"eval-{suite.split}-{s.label}" for s in suite.evals},
                                        selection)
@@ -312,6 +311,24 @@ def plan(suite: Suite, out: Path, seeds: int | None = None, data_dir: str | None
     except KembedError as e:
         raise ConfigError(f"suite {suite.name}: {e}") from None
     return steps, models
+
+
+def _train_or_reuse(argv: list[str], run: Path, seeded: list[str], selection, method: str, recipe: str | None,
+                    domain: str, data_dir: str | None) -> list[str]:
+    """A test run's command: resume it; else copy the selected tuning run when that trained
+    this very configuration (:func:`reuse_run`); else train with the selection's overrides
+    (``seeded`` ends with the ``seed=`` override, which stays last)."""
+    if (run / "kembed-run.json").is_file():
+        return [*argv, "--resume"]
+    final = [*seeded[:-1], *(selection()["overrides"] if selection else []), seeded[-1]]
+    if selection:
+        from kembed.train import prepare_config
+
+        _, _, resolved = prepare_config(method, recipe, final, domain=domain, data_dir=data_dir)
+        source = selection.reusable(resolved)
+        if source is not None:
+            return [sys.executable, "-c", f"from kembed.bench import reuse_run; reuse_run({str(source)!r}, {str(run)!r})"]
+    return [*argv, *final]
 
 
 def train_command(launch: str | None = None) -> list[str]:
@@ -357,10 +374,11 @@ def tune_steps(method: str, recipe: str | None, overrides: list[str], spec: Tune
     key = config_hash({"resolved": resolved, "tune": spec.model_dump(), "domain": domain})
     earlier = earlier or {}
     carried = (earlier.get("points") or {}) if earlier.get("grid") == key else {}
-    points, runs, steps = grid(method, resolved, spec), [], []
+    points, runs, steps, configs = grid(method, resolved, spec), [], [], {}
     for point in points:
         cfg = [*overrides, *point.overrides, *tune_overrides()]
         _, _, point_resolved = prepare_config(method, recipe, cfg, domain=domain, data_dir=data_dir)
+        configs[point.label] = point_resolved
         run = out / domain / f"{method}-{config_hash(point_resolved)}"
         if point.label in carried and not run.is_dir():  # a run in this output folder counts first
             runs.append(None)
@@ -383,8 +401,38 @@ def tune_steps(method: str, recipe: str | None, overrides: list[str], spec: Tune
                 s["carried_from"] = scores[s["label"]]["carried_from"]
         return {"method": method, "domain": domain, "grid": key, **result}
 
+    def reusable(test_resolved: dict) -> Path | None:
+        """The selected configuration's finished run in ``out`` when a test run of
+        ``test_resolved`` would train exactly it (same resolved configuration: the tuning
+        domain and the recipe's seed), else None."""
+        chosen = selection()["selected"]
+        run = runs[[p.label for p in points].index(chosen)]
+        same = configs[chosen] == test_resolved
+        return run if same and run is not None and _finished(run) else None
+
     selection.needs, selection.grid, selection.domain, selection.points = [s.label for s in steps], key, domain, scored
+    selection.reusable = reusable
     return steps, selection
+
+
+def reuse_run(source: str, target: str) -> None:
+    """Make ``target`` a copy of the finished run ``source`` (weights hard-linked, the rest
+    copied) and record where it came from in ``target/reused-from.json``: a test run whose
+    configuration is a selected tuning run's trains the same weights (bit for bit on one CPU,
+    docs/evaluation.md), so the bench copies them instead.
+
+    Raises:
+        FileExistsError: ``target`` exists.
+    """
+    import os
+    import shutil
+
+    tmp = Path(f"{target}.partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(source, tmp, copy_function=lambda a, b: os.link(a, b) if Path(a).stat().st_size > 2**20
+                    else shutil.copy2(a, b))
+    (tmp / "reused-from.json").write_text(json.dumps({"run": str(source)}) + "\n")
+    tmp.rename(target)
 
 
 def tuning_section(models: list[ModelEntry]) -> dict[str, dict]:

@@ -8,6 +8,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+import torch
 
 from kembed.bench import ModelEntry, collect, method_ranking, seed_summary
 from kembed.data import TAUGHT, UNTAUGHT, answer_knowledge, knowledge_coverage, load_records, training_sample
@@ -179,6 +180,47 @@ def test_a_suite_with_a_tune_block_trains_the_selection_for_test(data_dir, tiny_
     points = [GridPoint("lr x1, epochs x1", [], 1, 1), GridPoint("lr x0.5, epochs x1", [], 0.5, 1)]
     score = {"score": 0.5, "n": 2, "ids": ["a", "b"], "correct": ["a"], "validation": 0.5}
     assert select(points, [score, dict(score)])["selected"] == "lr x1, epochs x1"
+
+
+def test_the_test_run_that_tuning_already_trained_is_copied_not_trained_again(data_dir, tiny_model_dir, tmp_path):
+    """Seed 42 on the tuning domain is the selected configuration's own run: the bench copies
+    it. Trained again, the same configuration gives the same weights, bit for bit."""
+    import filecmp
+    import subprocess
+
+    import yaml
+
+    from safetensors.torch import load_file
+
+    from kembed.bench import load_suite, plan
+
+    suite = tmp_path / "tuned.yaml"
+    suite.write_text(json.dumps({
+        "name": "tuned", "model": str(tiny_model_dir), "domains": ["current-events"], "methods": ["sft"],
+        "overrides": {"all": [f"model={tiny_model_dir}", "limit=4", "validation=2", "precision=fp32",
+                              "train.batch_size=2", "sft.epochs=1"]},
+        "tune": {"lr_scales": [1, 300], "epoch_scales": [1]}}))
+    steps, models = plan(load_suite(str(suite)), tmp_path / "runs", seeds=2)
+    for step in steps:
+        if step.label.startswith("tune "):
+            subprocess.run(step.argv(), check=True, capture_output=True)
+    first, second = (next(s for s in steps if s.label == f"current-events sft (seed {k}): train") for k in (42, 43))
+    assert "--output" in second.argv() and "seed=43" in second.argv()  # another seed trains
+    subprocess.run(first.argv(), check=True, capture_output=True)
+    run = next(m.run for m in models if m.seed == 42)
+    source = Path(json.loads((run / "reused-from.json").read_text())["run"])
+    selected = dict(o.split("=") for o in models[1].tuning()["overrides"])
+    assert first.done() and source.parts[-3] == "tune" and source.name.startswith("sft-")
+    assert filecmp.cmp(run / "model" / "model.safetensors", source / "model" / "model.safetensors", shallow=False)
+    assert (source / "config.yaml").read_text() == (run / "config.yaml").read_text()
+    trained_lr = yaml.safe_load((run / "config.yaml").read_text())["train"]["learning_rate"]
+    assert trained_lr == float(selected["train.learning_rate"])  # the selection, whichever it was
+    # what the step would have trained: the same weights
+    again = tmp_path / "again"
+    argv = [a if a != str(models[2].run) else str(again) for a in second.argv()]
+    subprocess.run([a if a != "seed=43" else "seed=42" for a in argv], check=True, capture_output=True)
+    trained, copied = load_file(again / "model" / "model.safetensors"), load_file(run / "model" / "model.safetensors")
+    assert trained.keys() == copied.keys() and all(torch.equal(trained[k], copied[k]) for k in trained)
 
 
 def test_a_later_session_reuses_the_tuning_configurations_a_report_holds(data_dir, tiny_model_dir, tmp_path):
