@@ -326,8 +326,8 @@ def _train_or_reuse(argv: list[str], run: Path, seeded: list[str], selection, me
 
         _, _, resolved = prepare_config(method, recipe, final, domain=domain, data_dir=data_dir)
         source = selection.reusable(resolved)
-        if source is not None:
-            return [sys.executable, "-c", f"from kembed.bench import reuse_run; reuse_run({str(source)!r}, {str(run)!r})"]
+        if source is not None and not run.exists():
+            return [sys.executable, "-c", f"{REUSE_CALL}; reuse_run({str(source)!r}, {str(run)!r})"]
     return [*argv, *final]
 
 
@@ -415,22 +415,34 @@ def tune_steps(method: str, recipe: str | None, overrides: list[str], spec: Tune
     return steps, selection
 
 
+REUSE_CALL = "from kembed.bench import reuse_run"  # how execute tells a copy from a training step
+
+
 def reuse_run(source: str, target: str) -> None:
-    """Make ``target`` a copy of the finished run ``source`` (weights hard-linked, the rest
-    copied) and record where it came from in ``target/reused-from.json``: a test run whose
-    configuration is a selected tuning run's trains the same weights (bit for bit on one CPU,
-    docs/evaluation.md), so the bench copies them instead.
+    """Make ``target`` a copy of the finished run ``source`` and record where it came from in
+    ``target/reused-from.json``. Weight files (``*.safetensors``, ``*.bin``) are hard-linked
+    where the file system allows (they are never written again), everything else is copied.
+    A test run whose resolved configuration is the selected tuning run's trains the same
+    weights (CPT's and SFT's did, byte for byte, in the cpu suite: docs/evaluation.md), so the
+    bench copies them instead of training again.
 
     Raises:
-        FileExistsError: ``target`` exists.
+        OSError: ``target`` exists and is not empty, or the copy fails.
     """
     import os
     import shutil
 
+    def link_or_copy(a: str, b: str) -> None:
+        if Path(a).suffix in (".safetensors", ".bin"):
+            try:
+                return os.link(a, b)
+            except OSError:  # another file system, or none with hard links
+                pass
+        shutil.copy2(a, b)
+
     tmp = Path(f"{target}.partial")
     shutil.rmtree(tmp, ignore_errors=True)
-    shutil.copytree(source, tmp, copy_function=lambda a, b: os.link(a, b) if Path(a).stat().st_size > 2**20
-                    else shutil.copy2(a, b))
+    shutil.copytree(source, tmp, copy_function=link_or_copy)
     (tmp / "reused-from.json").write_text(json.dumps({"run": str(source)}) + "\n")
     tmp.rename(target)
 
@@ -470,14 +482,15 @@ def recorded(results_dir: Path, out: Path, field: str = "seconds") -> dict[str, 
     memory of its largest process), of the steps that succeeded in this output folder
     (``bench-steps.jsonl``), else in the committed report of this suite (``results_dir``), else
     in the committed reports of the other suites beside it: what :func:`expected` extends to
-    steps not recorded yet."""
+    steps not recorded yet. A step that copied a tuning run (:func:`reuse_run`) is left out."""
     found: dict[str, float] = {}
     reports = [results_dir / "results.json",
                *sorted(p for p in results_dir.parent.glob("*/results.json") if p.parent != results_dir)]
     for records in [read_jsonl(out / "bench-steps.jsonl", missing_ok=True),
                     *((earlier_report(p).get("steps") or []) for p in reports)]:
         for r in records:
-            if isinstance(r, dict) and r.get("returncode") == 0 and isinstance(r.get(field), (int, float)):
+            if (isinstance(r, dict) and r.get("returncode") == 0 and isinstance(r.get(field), (int, float))
+                    and not r.get("copied")):  # a copied tuning run (reuse_run) says nothing of training
                 found.setdefault(str(r.get("step")), float(r[field]))
     return found
 
@@ -617,10 +630,10 @@ def execute(steps: list[Step], console, log_dir: Path, jobs: int = 1, on_step_en
             return True
         return sum(memory_mb.get(x, 0.0) for x in [label, *others]) <= limit
 
-    def finish(step: Step, rc: int, rss_mb: float, seconds: float) -> None:
+    def finish(step: Step, rc: int, rss_mb: float, seconds: float, copied: bool = False) -> None:
         with open(log_dir / "bench-steps.jsonl", "a") as f:
             f.write(json.dumps({"step": step.label, "returncode": rc, "seconds": round(seconds, 1),
-                                "max_rss_mb": round(rss_mb)}) + "\n")
+                                "max_rss_mb": round(rss_mb), **({"copied": True} if copied else {})}) + "\n")
         if on_step_end is not None:
             on_step_end()
         if rc == 0:
@@ -650,16 +663,18 @@ def execute(steps: list[Step], console, log_dir: Path, jobs: int = 1, on_step_en
                     continue
                 console.print(f"{head} ({time.time() - start:.0f}s elapsed)", highlight=False)
                 began = time.time()
+                argv = step.argv()
+                copied = REUSE_CALL in " ".join(argv)
                 if jobs == 1:
-                    finish(step, *reap(subprocess.Popen(step.argv()), block=True), seconds=time.time() - began)
+                    finish(step, *reap(subprocess.Popen(argv), block=True), seconds=time.time() - began, copied=copied)
                     break  # in order: look at the next step only now
                 log = open(log_dir / "logs" / (re.sub(r"[^A-Za-z0-9._-]+", "-", step.label).strip("-") + ".log"), "a")
-                running[step.label] = (subprocess.Popen(step.argv(), stdout=log, stderr=subprocess.STDOUT, env=env),
-                                       step, log, began)
+                running[step.label] = (subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=env),
+                                       step, log, began, copied)
             elif jobs == 1:
                 break
         ended = False
-        for label, (proc, step, log, began) in list(running.items()):
+        for label, (proc, step, log, began, copied) in list(running.items()):
             result = reap(proc, block=False)
             if result is not None:
                 ended = True
@@ -667,7 +682,7 @@ def execute(steps: list[Step], console, log_dir: Path, jobs: int = 1, on_step_en
                 del running[label]
                 console.print(f"finished {label} (exit {result[0]}, {time.time() - start:.0f}s elapsed)",
                               highlight=False)
-                finish(step, *result, seconds=time.time() - began)
+                finish(step, *result, seconds=time.time() - began, copied=copied)
         if running:
             time.sleep(1)
         elif pending and len(pending) == before and not ended:  # needs no step provides: those never start

@@ -16,6 +16,16 @@ def left_pad(rows: list[list[int]], value: int) -> torch.Tensor:
     return torch.tensor([[value] * (longest - len(r)) + r for r in rows])
 
 
+def _unwrapped(model):
+    """``model`` seen through the ``DistributedDataParallel`` wrapper a multi-process trainer
+    passes to the loss (which, unlike peft and compiled models, does not forward ``config``)."""
+    return getattr(model, "module", model)
+
+
+def _attention_of(model) -> str:
+    return getattr(_unwrapped(model).config, "_attn_implementation", "sdpa")
+
+
 def model_attention_mask(allowed: torch.Tensor, model) -> torch.Tensor:
     """A boolean attention mask (True = attend) in the form ``model``'s attention takes: as is
     for SDPA, additive (0 where allowed, the dtype's minimum elsewhere) for eager attention,
@@ -27,9 +37,9 @@ def model_attention_mask(allowed: torch.Tensor, model) -> torch.Tensor:
     Returns:
         ``[n, 1, q, k]``, boolean or in the dtype of ``model``'s weights.
     """
-    if getattr(model.config, "_attn_implementation", "sdpa") != "eager":
+    if _attention_of(model) != "eager":
         return allowed
-    dtype = next(model.parameters()).dtype
+    dtype = next(_unwrapped(model).parameters()).dtype
     return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(~allowed, torch.finfo(dtype).min)
 
 
@@ -50,10 +60,14 @@ def padded_batch_mask(attention: torch.Tensor, model) -> torch.Tensor:
         model: the model the mask is for (see :func:`model_attention_mask`).
 
     Returns:
-        ``attention`` unchanged when no row is padded, or when the model's attention is neither
-        SDPA nor eager (flash attention takes no 4D mask); else ``[n, 1, s, s]``.
+        ``attention`` unchanged when no row is padded, when the model's attention is neither
+        SDPA nor eager (flash attention takes no 4D mask), or when it uses a sliding window
+        (transformers applies a 4D mask as given, which would drop the window); else
+        ``[n, 1, s, s]``.
     """
-    if bool(attention.all()) or getattr(model.config, "_attn_implementation", "sdpa") not in ("sdpa", "eager"):
+    config = _unwrapped(model).config
+    windowed = getattr(config, "sliding_window", None) and getattr(config, "use_sliding_window", True)
+    if bool(attention.all()) or _attention_of(model) not in ("sdpa", "eager") or windowed:
         return attention
     s = attention.shape[1]
     causal = torch.ones(s, s, dtype=torch.bool, device=attention.device).tril()  # [s, s]: query, key

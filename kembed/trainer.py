@@ -286,6 +286,8 @@ def fit(model, examples: list[dict], collate: Callable[[list[dict]], dict], loss
     Raises:
         ConfigError: ``cfg.batch_size`` is not a multiple of the number of processes; the
             options cannot run here (:func:`check_train_options`).
+        TrainingError: a step's loss or gradient norm is not finite (nothing of that step is
+            checkpointed).
     """
     per_device = per_device_batch_size(cfg.batch_size)
     check_train_options(cfg, placement)

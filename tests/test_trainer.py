@@ -89,6 +89,24 @@ def test_a_non_finite_loss_stops_training_with_a_training_error(tiny_model):
     assert logged == [1, 2]
 
 
+def test_a_padded_batch_under_ddp_gets_the_loss_it_gets_alone(tiny_model, tmp_path):
+    """A multi-process trainer hands the loss a DistributedDataParallel wrapper, which does not
+    forward ``config``: the padded-batch mask must see through it."""
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+
+    batch = make_lm_collate(0)([{"input_ids": [5, 6, 7, 8, 9], "loss_mask": [0, 1, 1, 1, 1]},
+                                {"input_ids": [5, 6, 7], "loss_mask": [0, 1, 1]}])
+    assert not batch["attention_mask"].all()
+    alone = lm_loss(tiny_model, batch)[0]
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'rendezvous'}", rank=0, world_size=1)
+    try:
+        wrapped = lm_loss(DistributedDataParallel(tiny_model), batch)[0]
+    finally:
+        dist.destroy_process_group()
+    assert wrapped.item() == pytest.approx(alone.item(), abs=1e-6)
+
+
 # ----------------------------------------------------------------------------- weights: bf16, compile
 
 
