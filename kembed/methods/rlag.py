@@ -30,9 +30,9 @@ from pydantic import Field, model_validator
 from kembed.config import Strict
 from kembed.errors import ConfigError
 from kembed.methods.common import chat_answer_ids, save_examples
-from kembed.tensors import left_pad, padded_batch_mask
 from kembed.records import QARecord
 from kembed.scoring import gather_logprobs
+from kembed.tensors import left_pad, padded_batch_mask
 
 NAME = "rlag"
 DESCRIPTION = "RLAG: preference-style training of augmented (chosen) vs naive (rejected) answers plus knowledge likelihood"
