@@ -592,6 +592,10 @@ def execute(steps: list[Step], console, log_dir: Path, jobs: int = 1, on_step_en
     does not start beside running ones while their expected peaks together would pass 90% of
     the machine's memory (the next step that fits starts instead; a step alone always starts).
 
+    A step killed by SIGKILL (on Linux, most often the out-of-memory killer, which may pick it
+    for memory that other processes hold) runs once more, alone, once the running steps have
+    ended, instead of failing what needs it.
+
     ``on_step_end()`` is called after each step that ran. Each step that ran appends
     ``{"step", "returncode", "seconds", "max_rss_mb"}`` (wall time; the peak resident memory of
     its largest process) to ``log_dir/bench-steps.jsonl``, the source of the report's time
@@ -603,6 +607,7 @@ def execute(steps: list[Step], console, log_dir: Path, jobs: int = 1, on_step_en
     """
     import os
     import re
+    import signal
 
     env = dict(os.environ)
     if jobs > 1:
@@ -612,7 +617,9 @@ def execute(steps: list[Step], console, log_dir: Path, jobs: int = 1, on_step_en
     succeeded: set[str] = set()
     failures: list[dict] = []
     pending = list(enumerate(steps, 1))
+    number = {step.label: i for i, step in pending}
     running: dict[str, tuple] = {}
+    alone: set[str] = set()  # steps killed once (SIGKILL), to run again with nothing beside them
     start = time.time()
 
     def reap(proc, block: bool) -> tuple[int, float] | None:
@@ -639,6 +646,11 @@ def execute(steps: list[Step], console, log_dir: Path, jobs: int = 1, on_step_en
         if rc == 0:
             succeeded.add(step.label)
             return
+        if rc == -signal.SIGKILL and step.label not in alone:
+            alone.add(step.label)
+            pending.insert(0, (number[step.label], step))
+            console.print(f"[yellow]killed[/] {step.label} (SIGKILL: out of memory?); it runs again alone")
+            return
         failed.add(step.label)
         failures.append({"step": step.label, "returncode": rc})
         console.print(f"[red]failed[/] {step.label} (exit {rc}); going on with the rest")
@@ -655,6 +667,8 @@ def execute(steps: list[Step], console, log_dir: Path, jobs: int = 1, on_step_en
                 failures.append({"step": step.label, "blocked_by": blocked[0]})
                 console.print(f"{head}: [yellow]skipped[/] ({blocked[0]} failed)")
             elif (all(n in succeeded for n in step.needs) and len(running) < jobs
+                  and (step.label not in alone or not running)
+                  and not any(label in alone for label in running)
                   and fits(step.label, [r[1].label for r in running.values()])):
                 pending.remove(item)
                 if step.done():

@@ -589,3 +589,32 @@ def test_a_step_waits_while_its_expected_memory_would_not_fit_beside_the_running
     trace.unlink()
     execute([step("a"), step("b")], Console(quiet=True), tmp_path, jobs=2, memory_mb={"a": 1.0, "b": 1.0})
     assert sorted(trace.read_text().split("\n")[:2]) == ["a start", "b start"]  # both fit: they run together
+
+
+def test_a_step_killed_by_sigkill_runs_again_alone_once(tmp_path):
+    """The out-of-memory killer's SIGKILL fails nothing at once: the step runs again once, with
+    no other step beside it; killed a second time, it fails."""
+    from rich.console import Console
+
+    trace = tmp_path / "trace"
+    code = ("import os, signal, sys, time; from pathlib import Path; marker = Path(sys.argv[3]); "
+            "f = open(sys.argv[1], 'a'); f.write(sys.argv[2] + ' start\\n'); f.flush(); time.sleep(0.3); "
+            "first = not marker.exists(); marker.touch(); "
+            "os.kill(os.getpid(), signal.SIGKILL) if (first and sys.argv[4] == 'once') or sys.argv[4] == 'always' "
+            "else None; "
+            "f.write(sys.argv[2] + ' end\\n')")
+
+    def step(name, kill="once", needs=()):
+        return Step(name, lambda: [sys.executable, "-c", code, str(trace), name, str(tmp_path / f"{name}.marker"),
+                                   kill], needs=list(needs))
+
+    failures = execute([step("a"), step("b", kill="never"), step("c", kill="never", needs=["a"])],
+                       Console(quiet=True), tmp_path, jobs=2)
+    lines = trace.read_text().split("\n")
+    assert failures == [] and lines.count("a start") == 2 and "a end" in lines and "c end" in lines
+    assert lines.count("b start") == 1 and lines.count("c start") == 1
+    again = lines.index("a start", lines.index("a start") + 1)
+    assert "b end" in lines[:again] and lines[again + 1] == "a end"  # b had ended; nothing ran beside a
+    failures = execute([step("d", kill="always"), step("e", kill="never", needs=["d"])], Console(quiet=True),
+                       tmp_path, jobs=2)
+    assert failures == [{"step": "d", "returncode": -9}, {"step": "e", "blocked_by": "d"}]
