@@ -391,7 +391,9 @@ def tune_steps(method: str, recipe: str | None, overrides: list[str], spec: Tune
         runs.append(run)
 
     def scored() -> dict[str, dict | None]:
-        return {p.label: carried[p.label] if r is None else run_score(r, spec.selection) for p, r in zip(points, runs)}
+        # a run cut off mid-way has validation scores of its early iterations: not a score of its configuration
+        return {p.label: carried[p.label] if r is None else run_score(r, spec.selection) if _finished(r) else None
+                for p, r in zip(points, runs)}
 
     def selection() -> dict:
         scores = scored()

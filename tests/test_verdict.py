@@ -242,7 +242,7 @@ def test_a_later_session_reuses_the_tuning_configurations_a_report_holds(data_di
         right = ["q1"] if "(lr x0.5" in step.label else ["q1", "q2"]
         (run / "metrics.jsonl").write_text(json.dumps({
             "event": "iteration_end", "dev_correct_ids": right, "dev_taught": {"ids": ["q1", "q2"], "n": 2},
-            "dev_accuracy": {"token_mean": len(right) / 3}}) + "\n")
+            "dev_accuracy": {"token_mean": len(right) / 3}}) + "\n" + json.dumps({"event": "end"}) + "\n")
     tuning = tuning_section(models)
     assert tuning["cpt-sft"]["points"]["lr x0.5, epochs x1"] is None
     assert tuning["sft"]["selection"]["selected"] == "lr x1, epochs x1"
