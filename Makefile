@@ -6,6 +6,7 @@ BIN := $(VENV)/bin
 KEMBED_DATA_DIR ?= $(firstword $(wildcard $(abspath $(CURDIR)/../shared/datasets/rlag)))
 export KEMBED_DATA_DIR
 RUN ?= runs/main-$(shell date +%Y%m%d-%H%M%S)
+RUN := $(RUN)  # one time stamp: a recursive variable ran `date` again for every recipe line
 
 .PHONY: setup main test bench perf bench-rlag-sweep clean
 
