@@ -6,7 +6,8 @@ BIN := $(VENV)/bin
 KEMBED_DATA_DIR ?= $(firstword $(wildcard $(abspath $(CURDIR)/../shared/datasets/rlag)))
 export KEMBED_DATA_DIR
 RUN ?= runs/main-$(shell date +%Y%m%d-%H%M%S)
-RUN := $(RUN)  # one time stamp: a recursive variable ran `date` again for every recipe line
+# one time stamp for every line of the main job (a recursive RUN ran `date` again per recipe line)
+RUN := $(RUN)
 
 .PHONY: setup main test bench perf bench-rlag-sweep clean
 
