@@ -141,12 +141,15 @@ def config_hash(resolved: dict) -> str:
 @dataclass
 class Step:
     """One subprocess of a bench: ``argv()`` is built when it runs; ``done()`` says whether its
-    output already exists; ``needs``: the labels of steps that must have succeeded."""
+    output already exists; ``needs``: the labels of steps that must have succeeded;
+    ``copies_tuning``: a test run expected to be a copy of the selected tuning run
+    (:func:`_train_or_reuse`), not a training."""
 
     label: str
     argv: Callable[[], list[str]]
     done: Callable[[], bool] = lambda: False
     needs: list[str] = field(default_factory=list)
+    copies_tuning: bool = False
 
 
 def _finished(run: Path) -> bool:
@@ -301,7 +304,9 @@ def plan(suite: Suite, out: Path, seeds: int | None = None, data_dir: str | None
                     label = f"{domain} {name}: train"
                     steps.append(Step(label, lambda a=argv, r=run, o=seeded, t=selection, m=method, d=domain:
                                       _train_or_reuse(a, r, o, t, m, suite.recipes.get(m), d, data_dir),
-                                      lambda r=run: _finished(r), needs=selection.needs if selection else []))
+                                      lambda r=run: _finished(r), needs=selection.needs if selection else [],
+                                      copies_tuning=bool(selection) and domain == selection.domain
+                                      and selection.copied_by(seeded)))
                     entry = ModelEntry(domain, name, method, seed, str(run), run,
                                        {s.label: run / f"eval-{suite.split}-{s.label}" for s in suite.evals},
                                        selection)
@@ -412,8 +417,16 @@ def tune_steps(method: str, recipe: str | None, overrides: list[str], spec: Tune
         same = configs[chosen] == test_resolved
         return run if same and run is not None and _finished(run) else None
 
+    def copied_by(seeded: list[str]) -> bool:
+        """Whether a test run of ``seeded`` (overrides ending with ``seed=``) will copy the
+        selected run whichever point is selected: every point's run is in ``out`` and the test
+        run of its overrides resolves to its configuration (what :func:`_train_or_reuse` checks)."""
+        return all(run is not None for run in runs) and all(
+            prepare_config(method, recipe, [*seeded[:-1], *p.overrides, seeded[-1]], domain=domain,
+                           data_dir=data_dir)[2] == configs[p.label] for p in points)
+
     selection.needs, selection.grid, selection.domain, selection.points = [s.label for s in steps], key, domain, scored
-    selection.reusable = reusable
+    selection.reusable, selection.copied_by = reusable, copied_by
     return steps, selection
 
 
@@ -498,13 +511,14 @@ def recorded(results_dir: Path, out: Path, field: str = "seconds") -> dict[str, 
 
 
 def expected(steps: list[Step], values: dict[str, float], domains: list[str]) -> dict[str, float]:
-    """Label -> what each step is expected to take (seconds or MiB, :func:`recorded`): its own
-    recorded value (``values``, by label), else the mean recorded value of its kind
-    (:func:`step_kind`), else 0."""
+    """Label -> what each step is expected to take (seconds or MiB, :func:`recorded`): 0 for a
+    copy of a tuning run (``Step.copies_tuning``), else its own recorded value (``values``, by
+    label), else the mean recorded value of its kind (:func:`step_kind`), else 0."""
     kinds: dict[str, list[float]] = {}
     for label, value in values.items():
         kinds.setdefault(step_kind(label, domains), []).append(value)
-    return {s.label: values.get(s.label, fmean(kinds.get(step_kind(s.label, domains)) or [0.0])) for s in steps}
+    return {s.label: 0.0 if s.copies_tuning
+            else values.get(s.label, fmean(kinds.get(step_kind(s.label, domains)) or [0.0])) for s in steps}
 
 
 def longest_first(steps: list[Step], seconds: dict[str, float], domains: list[str]) -> list[Step]:
@@ -566,17 +580,19 @@ def forecast(steps: list[Step], seconds: dict[str, float], memory: dict[str, flo
 
     took = expected(steps, seconds, domains)
     table = Table("steps of", "steps", "expected min", "no recorded time")
+    copies = {s.label for s in steps if s.copies_tuning}  # these take no time, recorded or not
     groups: dict[str, list[str]] = {}
     for step in steps:
         groups.setdefault(_group_of(step.label, domains), []).append(step.label)
     for group, labels in groups.items():
         table.add_row(group, str(len(labels)), f"{sum(took[x] for x in labels) / 60:.0f}",
-                      str(sum(x not in seconds and took[x] == 0 for x in labels)))
+                      str(sum(x not in seconds and took[x] == 0 and x not in copies for x in labels)))
     wall = simulate(steps, seconds, memory, domains, jobs)
     console.print(table)
     console.print(f"{len(steps)} step(s) to run, {sum(took.values()) / 60:.0f} min of expected step time: about "
                   f"{wall / 60:.0f} min of wall time with --jobs {jobs}. Expected from the step times the committed "
-                  "reports and this output folder recorded (of the same step, else the mean of its kind, else 0); "
+                  "reports and this output folder recorded (of the same step, else the mean of its kind, else 0; "
+                  f"{len(copies)} test run(s) that copy their selected tuning run, 0); "
                   "they hold for the machine kind that recorded them.", highlight=False)
     return wall
 

@@ -192,7 +192,7 @@ def test_the_test_run_that_tuning_already_trained_is_copied_not_trained_again(da
 
     from safetensors.torch import load_file
 
-    from kembed.bench import load_suite, plan
+    from kembed.bench import expected, load_suite, plan
 
     suite = tmp_path / "tuned.yaml"
     suite.write_text(json.dumps({
@@ -201,10 +201,13 @@ def test_the_test_run_that_tuning_already_trained_is_copied_not_trained_again(da
                               "train.batch_size=2", "sft.epochs=1"]},
         "tune": {"lr_scales": [1, 300], "epoch_scales": [1]}}))
     steps, models = plan(load_suite(str(suite)), tmp_path / "runs", seeds=2)
+    first, second = (next(s for s in steps if s.label == f"current-events sft (seed {k}): train") for k in (42, 43))
+    # --plan expects no training time for the copy, and the recorded time for the other seed
+    took = expected(steps, {second.label: 60.0, first.label: 60.0}, ["current-events"])
+    assert first.copies_tuning and not second.copies_tuning and (took[first.label], took[second.label]) == (0, 60)
     for step in steps:
         if step.label.startswith("tune "):
             subprocess.run(step.argv(), check=True, capture_output=True)
-    first, second = (next(s for s in steps if s.label == f"current-events sft (seed {k}): train") for k in (42, 43))
     assert "--output" in second.argv() and "seed=43" in second.argv()  # another seed trains
     subprocess.run(first.argv(), check=True, capture_output=True)
     run = next(m.run for m in models if m.seed == 42)
