@@ -137,7 +137,9 @@ def select(points: list[GridPoint], scores: list[dict | None]) -> dict:
 
     Returns:
         ``{"selected": label, "overrides", "scores": [{label, score, n, validation}],
-        "vs_recipe": paired stats | None, "separated": bool, "resolution": 1 / n | None}``.
+        "vs_recipe": paired stats | None, "separated": bool, "resolution": 1 / n | None,
+        "edge": ["largest learning rate", ...]}``: ``edge`` names each scale of the grid whose
+        end the selection sits at (the grid cannot tell whether a scale further out scores higher).
 
     Raises:
         KembedError: no configuration has a score (every run failed).
@@ -157,12 +159,17 @@ def select(points: list[GridPoint], scores: list[dict | None]) -> dict:
         vs = paired_accuracy({i: i in best_score["correct"] for i in ids},
                              {i: i in recipe[1]["correct"] for i in ids})
     n = best_score["n"]
+    edge = []
+    for name, scale in (("learning rate", "lr_scale"), ("epoch count", "epoch_scale")):
+        values = sorted({getattr(p, scale) for p in points})
+        if len(values) > 1 and getattr(best, scale) in (values[0], values[-1]):
+            edge.append(f"{'largest' if getattr(best, scale) == values[-1] else 'smallest'} {name}")
     return {"selected": best.label, "overrides": best.overrides, "lr_scale": best.lr_scale,
             "epoch_scale": best.epoch_scale,
             "scores": [{"label": p.label, "score": s["score"] if s else None, "n": s["n"] if s else None,
                         "validation": s["validation"] if s else None} for p, s in zip(points, scores)],
             "vs_recipe": vs, "separated": bool(vs and vs["p_value"] < 0.05),
-            "resolution": 1 / n if n else None}
+            "resolution": 1 / n if n else None, "edge": edge}
 
 
 def summary_lines(method: str, result: dict) -> list[str]:
@@ -190,4 +197,6 @@ def summary_lines(method: str, result: dict) -> list[str]:
     missing = sum(s["score"] is None for s in result["scores"])
     partial = (f" (so far: {missing} of {len(result['scores'])} configurations not scored, still to run or failed)"
                if missing else "")
-    return lines + ["", f"Selected{partial}: **{result['selected']}** ({verdict}{resolution}).", ""]
+    edge = (f" It is the grid's {' and '.join(result['edge'])}: the grid cannot tell whether one further out"
+            " would score higher." if result.get("edge") else "")
+    return lines + ["", f"Selected{partial}: **{result['selected']}** ({verdict}{resolution}).{edge}", ""]

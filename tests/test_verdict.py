@@ -162,7 +162,7 @@ def test_tune_selection_never_reads_test(data_dir, tiny_model_dir, tmp_path):
 
 def test_a_suite_with_a_tune_block_trains_the_selection_for_test(data_dir, tiny_model_dir, tmp_path):
     from kembed.bench import load_suite, plan
-    from kembed.tune import GridPoint, select
+    from kembed.tune import GridPoint, select, summary_lines
 
     suite = tmp_path / "tuned.yaml"
     suite.write_text(json.dumps({
@@ -180,6 +180,12 @@ def test_a_suite_with_a_tune_block_trains_the_selection_for_test(data_dir, tiny_
     points = [GridPoint("lr x1, epochs x1", [], 1, 1), GridPoint("lr x0.5, epochs x1", [], 0.5, 1)]
     score = {"score": 0.5, "n": 2, "ids": ["a", "b"], "correct": ["a"], "validation": 0.5}
     assert select(points, [score, dict(score)])["selected"] == "lr x1, epochs x1"
+    # a selection at the end of the grid says so
+    better = {**score, "score": 1.0, "correct": ["a", "b"]}
+    at_edge = select(points, [score, better])
+    assert at_edge["edge"] == ["smallest learning rate"] and select(points, [better, score])["edge"] == ["largest learning rate"]
+    assert "the grid's smallest learning rate" in "\n".join(summary_lines("sft", at_edge))
+    assert select(points + [GridPoint("lr x2, epochs x1", [], 2, 1)], [better, score, score])["edge"] == []
 
 
 def test_the_test_run_that_tuning_already_trained_is_copied_not_trained_again(data_dir, tiny_model_dir, tmp_path):
