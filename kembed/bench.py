@@ -318,6 +318,11 @@ def plan(suite: Suite, out: Path, seeds: int | None = None, data_dir: str | None
     return steps, models
 
 
+def _with_overrides(seeded: list[str], overrides: list[str]) -> list[str]:
+    """A test run's overrides with a tuning configuration's: ``seeded`` ends with ``seed=``, which stays last."""
+    return [*seeded[:-1], *overrides, seeded[-1]]
+
+
 def _train_or_reuse(argv: list[str], run: Path, seeded: list[str], selection, method: str, recipe: str | None,
                     domain: str, data_dir: str | None) -> list[str]:
     """A test run's command: resume it; else copy the selected tuning run when that trained
@@ -325,7 +330,7 @@ def _train_or_reuse(argv: list[str], run: Path, seeded: list[str], selection, me
     (``seeded`` ends with the ``seed=`` override, which stays last)."""
     if (run / "kembed-run.json").is_file():
         return [*argv, "--resume"]
-    final = [*seeded[:-1], *(selection()["overrides"] if selection else []), seeded[-1]]
+    final = _with_overrides(seeded, selection()["overrides"] if selection else [])
     if selection:
         from kembed.train import prepare_config
 
@@ -422,7 +427,7 @@ def tune_steps(method: str, recipe: str | None, overrides: list[str], spec: Tune
         selected run whichever point is selected: every point's run is in ``out`` and the test
         run of its overrides resolves to its configuration (what :func:`_train_or_reuse` checks)."""
         return all(run is not None for run in runs) and all(
-            prepare_config(method, recipe, [*seeded[:-1], *p.overrides, seeded[-1]], domain=domain,
+            prepare_config(method, recipe, _with_overrides(seeded, p.overrides), domain=domain,
                            data_dir=data_dir)[2] == configs[p.label] for p in points)
 
     selection.needs, selection.grid, selection.domain, selection.points = [s.label for s in steps], key, domain, scored
