@@ -1476,6 +1476,21 @@ def finished_models(report: dict, suite: Suite) -> set[tuple[str, str]]:
     return out
 
 
+def only_methods(steps: list[Step], methods: list[str], domains: list[str]) -> list[Step]:
+    """``steps`` of the base model and of ``methods`` (``kembed bench --methods``), with every
+    step they need, transitively (their tuning grids), in their order."""
+    keep = {s.label for s in steps if not s.label.startswith("tune ")
+            and step_kind(s.label, domains).split(":")[0] in {"base", *methods}}
+    needs = {s.label: s.needs for s in steps}
+    todo = list(keep)
+    while todo:
+        for need in needs.get(todo.pop(), []):
+            if need not in keep:
+                keep.add(need)
+                todo.append(need)
+    return [s for s in steps if s.label in keep]
+
+
 def skip_finished(steps: list[Step], finished: set[tuple[str, str]]) -> list[Step]:
     """``steps`` without those of the ``finished`` models (:func:`finished_models`: their rows
     are carried over, :func:`carry_over`), and without the tuning steps that no remaining step
@@ -1676,7 +1691,7 @@ def write_report(suite: Suite, rows: list[dict], failures: list[dict], results_d
 
 
 def run_suite(suite: Suite, *, out: Path, results_dir: Path, seeds: int | None = None, data_dir: str | None = None,
-              jobs: int = 1, console=None, domains: list[str] | None = None,
+              jobs: int = 1, console=None, domains: list[str] | None = None, methods: list[str] | None = None,
               report_only: bool = False, plan_only: bool = False) -> tuple[Path | None, list[dict]]:
     """Plan, execute and report a suite; returns ``(results.md, failures)``.
 
@@ -1694,7 +1709,9 @@ def run_suite(suite: Suite, *, out: Path, results_dir: Path, seeds: int | None =
     still covers every domain with results in ``out``, and every other domain of the suite that
     the existing ``results_dir/results.json`` has rows of (:func:`carry_over`: rows, step times,
     invocations), so that invocations one domain at a time merge into one results.json and
-    results.md even when each runs on a fresh machine with an empty ``out``.
+    results.md even when each runs on a fresh machine with an empty ``out``. ``methods``
+    likewise runs only the base model's steps and those methods' (:func:`only_methods`), for
+    example to evaluate the models already trained before training the next.
 
     Every invocation keeps a record in ``out/bench-invocations.jsonl`` (start, wall seconds so
     far, steps run, whether it finished, its commit, command line and machine), updated after
@@ -1715,6 +1732,12 @@ def run_suite(suite: Suite, *, out: Path, results_dir: Path, seeds: int | None =
             raise ConfigError(f"suite {suite.name}: --domains {', '.join(unknown)} not in its domains "
                               f"({', '.join(suite.domains)})")
         steps = [s for s in steps if s.label.startswith("tune ") or any(s.label.startswith(f"{d} ") for d in domains)]
+    if methods:
+        unknown = [m for m in methods if m not in suite.methods]
+        if unknown:
+            raise ConfigError(f"suite {suite.name}: --methods {', '.join(unknown)} not in its methods "
+                              f"({', '.join(suite.methods)})")
+        steps = only_methods(steps, methods, suite.domains)
     here = {(m.domain, m.name) for m in models if m.run is not None and m.run.exists()}  # resumed in out
     steps = skip_finished(steps, finished_models(earlier_report(results_dir / "results.json"), suite) - here)
     seconds, memory = recorded(results_dir, out), recorded(results_dir, out, "max_rss_mb")
@@ -1736,6 +1759,7 @@ def run_suite(suite: Suite, *, out: Path, results_dir: Path, seeds: int | None =
     earlier = log.read_text().splitlines() if log.is_file() else []
     start = time.time()
     command = " ".join([f"kembed bench {suite.name}", *([f"--domains {','.join(domains)}"] if domains else []),
+                        *([f"--methods {','.join(methods)}"] if methods else []),
                         *([f"--seeds {seeds}"] if seeds else []), *([f"--jobs {jobs}"] if jobs > 1 else [])])
     record = {"started": datetime.fromtimestamp(start, timezone.utc).isoformat(timespec="seconds"), "jobs": jobs,
               "domains": domains or suite.domains, "seconds": 0.0, "steps_run": 0, "finished": False,

@@ -285,6 +285,8 @@ def bench(suite: str = typer.Argument("quick", help="Suite name (benchmarks/<nam
           jobs: int = typer.Option(1, help="Steps run at once (each with CPU cores / jobs threads; logs in OUT/logs)."),
           domains: Optional[str] = typer.Option(None, help="Run only these of the suite's domains (comma-separated); "
                                                            "the report merges every domain run so far."),
+          methods: Optional[str] = typer.Option(None, help="Run only the base model's and these methods' steps "
+                                                           "(comma-separated), with the tuning they need."),
           report_only: bool = typer.Option(False, "--report-only", help="Run nothing: write the report from what "
                                                                           "has finished in OUT (a bench may still be "
                                                                           "running) and list the steps still to run."),
@@ -300,6 +302,7 @@ def bench(suite: str = typer.Argument("quick", help="Suite name (benchmarks/<nam
                                  results_dir=results_dir or BENCH_DIR / "results" / spec.name, seeds=seeds,
                                  data_dir=data_dir, jobs=jobs, console=console,
                                  domains=[d.strip() for d in domains.split(",") if d.strip()] if domains else None,
+                                 methods=[m.strip() for m in methods.split(",") if m.strip()] if methods else None,
                                  report_only=report_only, plan_only=plan_only)
     if report is None:
         return

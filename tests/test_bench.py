@@ -618,3 +618,24 @@ def test_a_step_killed_by_sigkill_runs_again_alone_once(tmp_path):
     failures = execute([step("d", kill="always"), step("e", kill="never", needs=["d"])], Console(quiet=True),
                        tmp_path, jobs=2)
     assert failures == [{"step": "d", "returncode": -9}, {"step": "e", "blocked_by": "d"}]
+
+
+def test_methods_keeps_the_base_model_those_methods_and_the_tuning_they_need():
+    from kembed.bench import Step, only_methods
+
+    step = lambda label, needs=(): Step(label, lambda: [], lambda: False, list(needs))  # noqa: E731
+    grid = {m: [f"tune current-events {m} (lr x1): train", f"tune current-events {m} (lr x1): eval"] for m in
+            ("cpt", "cpt-sft")}
+    steps = [step(grid["cpt"][0]), step(grid["cpt"][1], [grid["cpt"][0]]),
+             step(grid["cpt-sft"][0]), step(grid["cpt-sft"][1], [grid["cpt-sft"][0]]),
+             step("current-events base: eval closed-book-raw"), step("legal base: retention medical"),
+             step("current-events cpt (seed 43): train", [grid["cpt"][1]]),
+             step("current-events cpt (seed 43): eval closed-book-raw", ["current-events cpt (seed 43): train"]),
+             step("current-events cpt-sft (seed 43): train", [grid["cpt-sft"][1]]),
+             step("legal cpt: train", [grid["cpt"][1]])]
+    kept = [s.label for s in only_methods(steps, ["cpt"], ["current-events", "legal"])]
+    assert kept == [*grid["cpt"], "current-events base: eval closed-book-raw", "legal base: retention medical",
+                    "current-events cpt (seed 43): train", "current-events cpt (seed 43): eval closed-book-raw",
+                    "legal cpt: train"]
+    assert [s.label for s in only_methods(steps, ["sft"], ["current-events", "legal"])] == [
+        "current-events base: eval closed-book-raw", "legal base: retention medical"]
