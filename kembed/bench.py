@@ -624,9 +624,17 @@ def execute(steps: list[Step], console, log_dir: Path, jobs: int = 1, on_step_en
     its largest process) to ``log_dir/bench-steps.jsonl``, the source of the report's time
     breakdown.
 
+    SIGTERM, like SIGINT, interrupts the bench: the running steps get SIGTERM (SIGKILL after
+    30 s), each is recorded with ``"interrupted": true`` and its exit code, and
+    KeyboardInterrupt propagates. A step killed mid-way reruns next time; training resumes from
+    its last finished iteration.
+
     Returns:
         The failures: ``{"step", "returncode"}``, or ``{"step", "blocked_by"}`` for a step skipped
         because a step it needs failed.
+
+    Raises:
+        KeyboardInterrupt: on SIGINT or SIGTERM, once the running steps have stopped.
     """
     import os
     import re
@@ -660,10 +668,14 @@ def execute(steps: list[Step], console, log_dir: Path, jobs: int = 1, on_step_en
             return True
         return sum(memory_mb.get(x, 0.0) for x in [label, *others]) <= limit
 
-    def finish(step: Step, rc: int, rss_mb: float, seconds: float, copied: bool = False) -> None:
+    def finish(step: Step, rc: int, rss_mb: float, seconds: float, copied: bool = False,
+               interrupted: bool = False) -> None:
         with open(log_dir / "bench-steps.jsonl", "a") as f:
             f.write(json.dumps({"step": step.label, "returncode": rc, "seconds": round(seconds, 1),
-                                "max_rss_mb": round(rss_mb), **({"copied": True} if copied else {})}) + "\n")
+                                "max_rss_mb": round(rss_mb), **({"copied": True} if copied else {}),
+                                **({"interrupted": True} if interrupted else {})}) + "\n")
+        if interrupted:
+            return
         if on_step_end is not None:
             on_step_end()
         if rc == 0:
@@ -678,58 +690,92 @@ def execute(steps: list[Step], console, log_dir: Path, jobs: int = 1, on_step_en
         failures.append({"step": step.label, "returncode": rc})
         console.print(f"[red]failed[/] {step.label} (exit {rc}); going on with the rest")
 
-    while pending or running:
-        before = len(pending)
-        for item in list(pending):
-            i, step = item
-            head = f"[bold]bench {i}/{len(steps)}[/] {step.label}"
-            blocked = [n for n in step.needs if n in failed]
-            if blocked:
-                pending.remove(item)
-                failed.add(step.label)
-                failures.append({"step": step.label, "blocked_by": blocked[0]})
-                console.print(f"{head}: [yellow]skipped[/] ({blocked[0]} failed)")
-            elif (all(n in succeeded for n in step.needs) and len(running) < jobs
-                  and (step.label not in alone or not running)
-                  and not any(label in alone for label in running)
-                  and fits(step.label, [r[1].label for r in running.values()])):
-                pending.remove(item)
-                if step.done():
-                    succeeded.add(step.label)
-                    console.print(f"{head}: done before", highlight=False)
-                    continue
-                console.print(f"{head} ({time.time() - start:.0f}s elapsed)", highlight=False)
-                began = time.time()
-                argv = step.argv()
-                copied = REUSE_CALL in " ".join(argv)
-                if jobs == 1:
-                    finish(step, *reap(subprocess.Popen(argv), block=True), seconds=time.time() - began, copied=copied)
-                    break  # in order: look at the next step only now
-                log = open(log_dir / "logs" / (re.sub(r"[^A-Za-z0-9._-]+", "-", step.label).strip("-") + ".log"), "a")
-                running[step.label] = (subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=env),
-                                       step, log, began, copied)
-            elif jobs == 1:
-                break
-        ended = False
+    def stop_running() -> None:
+        for proc, *_ in running.values():
+            if proc.poll() is None:
+                proc.terminate()
         for label, (proc, step, log, began, copied) in list(running.items()):
-            result = reap(proc, block=False)
-            if result is not None:
-                ended = True
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+            if log is not None:
                 log.close()
-                del running[label]
-                console.print(f"finished {label} (exit {result[0]}, {time.time() - start:.0f}s elapsed)",
-                              highlight=False)
-                finish(step, *result, seconds=time.time() - began, copied=copied)
-        if running:
-            time.sleep(1)
-        elif pending and len(pending) == before and not ended:  # needs no step provides: those never start
-            stuck = [item for item in pending if any(n not in succeeded for n in item[1].needs)]
-            for item in stuck:
-                pending.remove(item)
-                failed.add(item[1].label)
-                failures.append({"step": item[1].label, "blocked_by": next(n for n in item[1].needs if n not in succeeded)})
-            if not stuck:
-                break
+            console.print(f"[yellow]stopped[/] {label} (exit {proc.returncode}); it runs again next time",
+                          highlight=False)
+            finish(step, proc.returncode, 0.0, time.time() - began, copied, interrupted=True)
+        running.clear()
+
+    def on_sigterm(signum, frame):
+        raise KeyboardInterrupt
+
+    import threading
+
+    main = threading.current_thread() is threading.main_thread()  # only there can a handler be set
+    previous = signal.signal(signal.SIGTERM, on_sigterm) if main else None
+    try:
+        while pending or running:
+            before = len(pending)
+            for item in list(pending):
+                i, step = item
+                head = f"[bold]bench {i}/{len(steps)}[/] {step.label}"
+                blocked = [n for n in step.needs if n in failed]
+                if blocked:
+                    pending.remove(item)
+                    failed.add(step.label)
+                    failures.append({"step": step.label, "blocked_by": blocked[0]})
+                    console.print(f"{head}: [yellow]skipped[/] ({blocked[0]} failed)")
+                elif (all(n in succeeded for n in step.needs) and len(running) < jobs
+                      and (step.label not in alone or not running)
+                      and not any(label in alone for label in running)
+                      and fits(step.label, [r[1].label for r in running.values()])):
+                    pending.remove(item)
+                    if step.done():
+                        succeeded.add(step.label)
+                        console.print(f"{head}: done before", highlight=False)
+                        continue
+                    console.print(f"{head} ({time.time() - start:.0f}s elapsed)", highlight=False)
+                    began = time.time()
+                    argv = step.argv()
+                    copied = REUSE_CALL in " ".join(argv)
+                    if jobs == 1:  # its output on the console
+                        running[step.label] = (proc := subprocess.Popen(argv), step, None, began, copied)
+                        result = reap(proc, block=True)
+                        del running[step.label]
+                        finish(step, *result, seconds=time.time() - began, copied=copied)
+                        break  # in order: look at the next step only now
+                    log = open(log_dir / "logs" / (re.sub(r"[^A-Za-z0-9._-]+", "-", step.label).strip("-") + ".log"), "a")
+                    running[step.label] = (subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=env),
+                                           step, log, began, copied)
+                elif jobs == 1:
+                    break
+            ended = False
+            for label, (proc, step, log, began, copied) in list(running.items()):
+                result = reap(proc, block=False)
+                if result is not None:
+                    ended = True
+                    log.close()
+                    del running[label]
+                    console.print(f"finished {label} (exit {result[0]}, {time.time() - start:.0f}s elapsed)",
+                                  highlight=False)
+                    finish(step, *result, seconds=time.time() - began, copied=copied)
+            if running:
+                time.sleep(1)
+            elif pending and len(pending) == before and not ended:  # needs no step provides: those never start
+                stuck = [item for item in pending if any(n not in succeeded for n in item[1].needs)]
+                for item in stuck:
+                    pending.remove(item)
+                    failed.add(item[1].label)
+                    failures.append({"step": item[1].label, "blocked_by": next(n for n in item[1].needs if n not in succeeded)})
+                if not stuck:
+                    break
+    except KeyboardInterrupt:
+        stop_running()
+        raise
+    finally:
+        if main:
+            signal.signal(signal.SIGTERM, previous)
     return failures
 
 
@@ -1715,8 +1761,8 @@ def run_suite(suite: Suite, *, out: Path, results_dir: Path, seeds: int | None =
 
     Every invocation keeps a record in ``out/bench-invocations.jsonl`` (start, wall seconds so
     far, steps run, whether it finished, its commit, command line and machine), updated after
-    each step, so that the report states the total over resumed invocations, an interrupted one
-    included up to its last finished step.
+    each step and when SIGINT or SIGTERM interrupts it (``"interrupted": true``; then
+    KeyboardInterrupt propagates), so that the report states the total over resumed invocations.
     """
     import os
 
@@ -1772,8 +1818,13 @@ def run_suite(suite: Suite, *, out: Path, results_dir: Path, seeds: int | None =
         write_atomic(log, "\n".join([*earlier, json.dumps(record)]) + "\n")
 
     save(False)
-    failures = execute(steps, console, out, jobs, on_step_end=save,
-                       memory_mb=expected(steps, memory, suite.domains) if jobs > 1 else None)
+    try:
+        failures = execute(steps, console, out, jobs, on_step_end=save,
+                           memory_mb=expected(steps, memory, suite.domains) if jobs > 1 else None)
+    except KeyboardInterrupt:  # the running steps have stopped (execute): the record gets the time up to now
+        record["interrupted"] = True
+        save(False)
+        raise
     record["finished"] = True
     save(False)
     invocations = read_jsonl(log)

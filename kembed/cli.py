@@ -298,12 +298,17 @@ def bench(suite: str = typer.Argument("quick", help="Suite name (benchmarks/<nam
     from kembed.bench import BENCH_DIR, load_suite, run_suite
 
     spec = load_suite(suite)
-    report, failures = run_suite(spec, out=out or Path("runs") / "bench" / spec.name,
-                                 results_dir=results_dir or BENCH_DIR / "results" / spec.name, seeds=seeds,
-                                 data_dir=data_dir, jobs=jobs, console=console,
-                                 domains=[d.strip() for d in domains.split(",") if d.strip()] if domains else None,
-                                 methods=[m.strip() for m in methods.split(",") if m.strip()] if methods else None,
-                                 report_only=report_only, plan_only=plan_only)
+    try:
+        report, failures = run_suite(spec, out=out or Path("runs") / "bench" / spec.name,
+                                     results_dir=results_dir or BENCH_DIR / "results" / spec.name, seeds=seeds,
+                                     data_dir=data_dir, jobs=jobs, console=console,
+                                     domains=[d.strip() for d in domains.split(",") if d.strip()] if domains else None,
+                                     methods=[m.strip() for m in methods.split(",") if m.strip()] if methods else None,
+                                     report_only=report_only, plan_only=plan_only)
+    except KeyboardInterrupt:
+        err_console.print("[yellow]interrupted[/]: finished steps are kept and the stopped ones run again; run the "
+                          "same command to go on", soft_wrap=True)
+        raise typer.Exit(130)
     if report is None:
         return
     console.print(f"results: {report}")

@@ -639,3 +639,53 @@ def test_methods_keeps_the_base_model_those_methods_and_the_tuning_they_need():
                     "legal cpt: train"]
     assert [s.label for s in only_methods(steps, ["sft"], ["current-events", "legal"])] == [
         "current-events base: eval closed-book-raw", "legal base: retention medical"]
+
+
+@pytest.mark.parametrize("jobs", [1, 2])
+def test_sigterm_stops_the_running_steps_and_records_them(tmp_path, jobs):
+    """SIGTERM to the bench (how a background bench is stopped) ends its running steps instead of
+    leaving them to write into runs that the next invocation resumes, and records them."""
+    import signal
+    import threading
+    import time
+
+    from rich.console import Console
+
+    code = ("import os, sys, time; open(sys.argv[1] + '.tmp', 'w').write(str(os.getpid())); "
+            "os.replace(sys.argv[1] + '.tmp', sys.argv[1]); time.sleep(60)")
+    steps = [Step(name, lambda n=name: [sys.executable, "-c", code, str(tmp_path / f"{n}.pid")])
+             for name in ["a", "b", "c"][:jobs + 1]]  # one more than runs at once: it never starts
+
+    def stop_once_running():
+        while not all((tmp_path / f"{s.label}.pid").is_file() for s in steps[:jobs]):
+            time.sleep(0.05)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=stop_once_running, daemon=True).start()
+    with pytest.raises(KeyboardInterrupt):
+        execute(steps, Console(quiet=True), tmp_path, jobs=jobs)
+    for step in steps[:jobs]:
+        pid = int((tmp_path / f"{step.label}.pid").read_text())
+        with pytest.raises(ProcessLookupError):  # ended and reaped
+            os.kill(pid, 0)
+    records = [json.loads(x) for x in (tmp_path / "bench-steps.jsonl").read_text().splitlines()]
+    assert [(r["step"], r["returncode"], r["interrupted"]) for r in records] == [
+        (s.label, -signal.SIGTERM, True) for s in steps[:jobs]]
+    assert not (tmp_path / f"{steps[-1].label}.pid").exists()
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the handler is the caller's again
+
+
+def test_an_interrupted_bench_records_its_time_and_exits_130(data_dir, tiny_model_dir, tmp_path, monkeypatch):
+    import kembed.bench
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(kembed.bench, "execute", interrupted)
+    out = tmp_path / "runs"
+    result = runner.invoke(app, ["bench", str(mini_suite(tmp_path, tiny_model_dir)), "--out", str(out),
+                                 "--results", str(tmp_path / "results")])
+    assert result.exit_code == 130 and "run the same command to go on" in result.output, result.output
+    assert "Traceback" not in result.output and not (tmp_path / "results").exists()
+    [record] = [json.loads(x) for x in (out / "bench-invocations.jsonl").read_text().splitlines()]
+    assert record["interrupted"] is True and record["finished"] is False and record["seconds"] >= 0
