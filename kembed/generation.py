@@ -153,7 +153,8 @@ class LocalGenerator:
       (:func:`kembed.models.inference_weights`). Out of memory: the prompts not yet done are
       halved and retried (:func:`kembed.scoring.run_halving`), down to fewer in flight.
     - ``transformers`` (the reference, and whenever the model's generation config sets a logits
-      processor, :data:`PROCESSOR_FIELDS`): ``model.generate(do_sample=False)`` under
+      processor, :data:`PROCESSOR_FIELDS`, or its attention has a sliding window, which
+      :func:`greedy_decode`'s padded caches would measure wrongly): ``model.generate(do_sample=False)`` under
       ``placement.autocast()`` on left-padded batches in input order; a batch that runs out of
       memory is halved and retried.
 
@@ -211,7 +212,7 @@ class LocalGenerator:
 
         from kembed.models import inference_weights
         from kembed.scoring import run_halving
-        from kembed.tensors import left_pad
+        from kembed.tensors import left_pad, sliding_window
 
         tok = self.tokenizer
         pad, stop = tok.pad_token_id, stop_tokens(self.model, tok)
@@ -250,7 +251,7 @@ class LocalGenerator:
         was_training = self.model.training
         self.model.eval()
         try:
-            if self.implementation == "kembed" and not processors and ids:
+            if self.implementation == "kembed" and not processors and not sliding_window(self.model) and ids:
                 model, context = inference_weights(self.model, self.placement)
                 order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
                 outs = dict(zip(order, run_halving(stream, order)))

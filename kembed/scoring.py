@@ -46,7 +46,7 @@ from kembed.errors import ModelError
 from kembed.models import Placement, inference_weights
 from kembed.prompts import FORMATS, PromptFormat, answer_stem, documents_prompt, raft_prompt, truncate_knowledge
 from kembed.records import QARecord
-from kembed.tensors import model_attention_mask
+from kembed.tensors import packed_attention_mask
 
 SCORERS = ("token_mean", "sum", "char_norm")
 IMPLEMENTATIONS = ("packed", "shared_prefix", "reference")
@@ -308,7 +308,8 @@ def logprob_sums_packed(model, questions: list[tuple[list[int], list[list[int]]]
     The row holds, for each question in turn, its prompt once and then each option's tokens but
     the last, with no padding and no copy of the prompt's keys and values. A 4D attention mask
     ``[1, 1, S, S]`` lets a prompt token attend to the earlier tokens of its own prompt, and an
-    option token to its question's prompt and to the earlier tokens of its own option; position
+    option token to its question's prompt and to the earlier tokens of its own option, within
+    the sliding window of the layers that have one (:func:`kembed.tensors.packed_attention_mask`); position
     ids restart after the prompt for every option. Only the positions that predict an option
     token go through the LM head (``logits_to_keep`` as an index tensor): the prompt's last
     position (each option's first token) and every kept option token (the next one).
@@ -346,10 +347,11 @@ def logprob_sums_packed(model, questions: list[tuple[list[int], list[list[int]]]
     index = torch.arange(len(ids), device=device)  # [S]
     allowed = ((question_ids[:, None] == question_ids[None, :]) & (index[None, :] <= index[:, None])
                & ((option_ids[None, :] == 0) | (option_ids[None, :] == option_ids[:, None])))  # [S, S]: query, key
-    mask = model_attention_mask(allowed[None, None], model)  # [1, 1, S, S]
+    position_ids = torch.tensor([positions], device=device)  # [1, S]
+    mask = packed_attention_mask(allowed[None, None], position_ids, model)  # [1, 1, S, S] (per layer type)
     keep, row_of = torch.unique(torch.tensor(predictor, device=device), return_inverse=True)  # [K], [T]
     logits = model(input_ids=torch.tensor([ids], device=device), attention_mask=mask,
-                   position_ids=torch.tensor([positions], device=device), use_cache=False,
+                   position_ids=position_ids, use_cache=False,
                    logits_to_keep=keep).logits[0].float()  # [K, v]
     token_lp = logits[row_of, torch.tensor(target, device=device)] - logits.logsumexp(-1)[row_of]  # [T]
     sums = torch.zeros(n_options, device=device).index_add_(0, torch.tensor(owner, device=device), token_lp).tolist()

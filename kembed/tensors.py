@@ -43,6 +43,52 @@ def model_attention_mask(allowed: torch.Tensor, model) -> torch.Tensor:
     return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(~allowed, torch.finfo(dtype).min)
 
 
+def sliding_window(model) -> int | None:
+    """The sliding window of ``model``'s attention in tokens (on some or all of its layers), or
+    None when it attends to the whole sequence."""
+    config = _unwrapped(model).config
+    return getattr(config, "sliding_window", None) if getattr(config, "use_sliding_window", True) else None
+
+
+def packed_attention_mask(allowed: torch.Tensor, positions: torch.Tensor, model):
+    """The attention mask of a packed row for each kind of ``model``'s layers, so that a layer
+    with a sliding window keeps it: transformers applies a 4D mask as given, on every layer.
+
+    A sliding-window layer lets a query attend to a key only when their distance is less than
+    the window (``q - k < sliding_window``, as transformers' ``sliding_window_overlay``); in a
+    packed row the distance is that of their positions in their own sequence.
+
+    Args:
+        allowed: ``[n, 1, s, s]`` boolean (query, key): the mask without a window.
+        positions: ``[n, s]``: each token's position in its own sequence (its position id).
+        model: the model the mask is for.
+
+    Returns:
+        :func:`model_attention_mask` of ``allowed`` for a model without a sliding window; of
+        ``allowed`` within the window for a model whose every layer has it (Mistral); and for a
+        model whose ``config.layer_types`` mix ``full_attention`` and ``sliding_attention``
+        layers (Gemma 2 and 3, Qwen2 with ``max_window_layers``), a dict of the two, which those
+        models take as ``attention_mask``.
+
+    Raises:
+        ModelError: a layer type other than full and sliding attention (chunked attention).
+    """
+    from kembed.errors import ModelError
+
+    config, window = _unwrapped(model).config, sliding_window(model)
+    types = set(getattr(config, "layer_types", None) or ["sliding_attention"]) if window else {"full_attention"}
+    unknown = types - {"full_attention", "sliding_attention"}
+    if unknown:
+        raise ModelError(f"packed scoring has no mask for {', '.join(sorted(unknown))} layers "
+                         f"({type(config).__name__}); score with --scorer shared_prefix")
+    masks = {"full_attention": lambda: model_attention_mask(allowed, model),
+             "sliding_attention": lambda: model_attention_mask(
+                 allowed & (positions[:, None, :, None] - positions[:, None, None, :] < window), model)}
+    if len(types) == 1:
+        return masks[types.pop()]()
+    return {kind: make() for kind, make in masks.items()}
+
+
 def padded_batch_mask(attention: torch.Tensor, model) -> torch.Tensor:
     """The attention mask to train a left-padded batch with, in which no query row is empty.
 
@@ -65,9 +111,7 @@ def padded_batch_mask(attention: torch.Tensor, model) -> torch.Tensor:
         (transformers applies a 4D mask as given, which would drop the window); else
         ``[n, 1, s, s]``.
     """
-    config = _unwrapped(model).config
-    windowed = getattr(config, "sliding_window", None) and getattr(config, "use_sliding_window", True)
-    if bool(attention.all()) or _attention_of(model) not in ("sdpa", "eager") or windowed:
+    if bool(attention.all()) or _attention_of(model) not in ("sdpa", "eager") or sliding_window(model):
         return attention
     s = attention.shape[1]
     causal = torch.ones(s, s, dtype=torch.bool, device=attention.device).tril()  # [s, s]: query, key

@@ -64,6 +64,24 @@ def build_tiny_model(tokenizer, seed: int = 0):
     return LlamaForCausalLM(config).eval()
 
 
+def build_windowed_model(tokenizer, family: str, attention: str = "sdpa"):
+    """A 2-layer model with an 8-token sliding window: Mistral (every layer windowed) or Qwen2
+    with its first layer full and its second windowed (``layer_types``)."""
+    import torch
+    from transformers import MistralConfig, MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(0)
+    shape = dict(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, sliding_window=8,
+                 attn_implementation=attention, bos_token_id=tokenizer.bos_token_id,
+                 eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    if family == "mistral":
+        return MistralForCausalLM(MistralConfig(**shape)).eval()
+    config = Qwen2Config(**shape, use_sliding_window=True, max_window_layers=1)
+    assert config.layer_types == ["full_attention", "sliding_attention"]
+    return Qwen2ForCausalLM(config).eval()
+
+
 @pytest.fixture
 def tiny_model(tiny_tokenizer):
     return build_tiny_model(tiny_tokenizer)

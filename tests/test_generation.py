@@ -144,3 +144,21 @@ def test_peft_model_and_bf16(early, tiny_tokenizer):
     replies = bf16.generate_counted(PROMPTS)
     assert len(replies) == len(PROMPTS) and all(0 < n <= MAX_NEW for _, _, n in replies)
     assert next(peft_model.parameters()).dtype == torch.float32  # generated on a bf16 copy
+
+
+@pytest.mark.parametrize("family", ["mistral", "qwen2"])
+def test_a_sliding_window_model_generates_as_transformers_does(tiny_tokenizer, family):
+    """Prompts longer than the model's 8-token window: the tokens equal transformers' greedy
+    ones (kembed's batched decoding hands such a model to ``generate``)."""
+    from conftest import build_windowed_model
+
+    model = build_windowed_model(tiny_tokenizer, family)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() > 1:
+                p.normal_(0, 0.3)
+    model.generation_config.eos_token_id = [tiny_tokenizer.eos_token_id]
+    reference = one_at_a_time(model, tiny_tokenizer, PROMPTS)
+    assert max(len(templated(tiny_tokenizer, p)) for p in PROMPTS) > 8
+    generator = LocalGenerator(model, tiny_tokenizer, FP32, max_new_tokens=MAX_NEW, batch_size=8)
+    assert [out for _, out in generator.generate_ids(PROMPTS)] == reference

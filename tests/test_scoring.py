@@ -78,6 +78,33 @@ def test_packed_row_under_eager_attention(tiny_tokenizer):
         assert sums == pytest.approx(logprob_sums_reference(model, *question, "cpu"), abs=1e-4)
 
 
+@pytest.mark.parametrize("attention", ["sdpa", "eager"])
+@pytest.mark.parametrize("family", ["mistral", "qwen2"])
+def test_packed_row_keeps_a_sliding_window(tiny_tokenizer, family, attention):
+    """Prompts longer than the model's sliding window: each option token attends only to the
+    tokens within the window before it, as in the reference's own forward pass, on the windowed
+    layers, and to its whole prompt on the full ones."""
+    from conftest import build_windowed_model
+
+    model = build_windowed_model(tiny_tokenizer, family, attention)
+    scorer = OptionScorer(model, tiny_tokenizer, FP32, implementation="reference")
+    questions = [scorer.encode(r, scorer.knowledge(r)) for r in make_records(3)]
+    assert min(len(prefix) for prefix, _ in questions) > 8 and max(len(o) for _, opts in questions for o in opts) > 1
+    packed = logprob_sums_packed(model, questions, "cpu")
+    for question, sums in zip(questions, packed):
+        assert sums == pytest.approx(logprob_sums_reference(model, *question, "cpu"), abs=1e-4)
+
+
+def test_packed_scoring_names_a_layer_type_it_has_no_mask_for(tiny_tokenizer):
+    from conftest import build_windowed_model
+    from kembed.tensors import packed_attention_mask
+
+    model = build_windowed_model(tiny_tokenizer, "qwen2")
+    model.config.layer_types = ["full_attention", "chunked_attention"]
+    with pytest.raises(ModelError, match="chunked_attention layers .*--scorer shared_prefix"):
+        packed_attention_mask(torch.ones(1, 1, 2, 2, dtype=torch.bool), torch.arange(2)[None], model)
+
+
 def test_bf16_scores_on_a_bf16_copy_of_the_weights(tiny_model, tiny_tokenizer):
     records = make_records(4)
     was_training = tiny_model.training
