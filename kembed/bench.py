@@ -552,6 +552,19 @@ def memory_limit_mb() -> float:
     return 0.9 * os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**20
 
 
+def startable(step: Step, running: list[str], done: set[str], jobs: int, memory_mb: dict[str, float] | None,
+              alone: set[str] = frozenset()) -> bool:
+    """The rule by which :func:`execute` starts ``step`` now, beside the ``running`` step labels:
+    every step it needs is ``done``, fewer than ``jobs`` run, and the expected peak memory
+    (``memory_mb``, MiB by label; None: not checked) of it and the running ones stays within
+    :func:`memory_limit_mb` (a step alone always starts); a step in ``alone`` (killed once by
+    SIGKILL) starts only with nothing running, and nothing starts beside it."""
+    fits = (not memory_mb or not running
+            or sum(memory_mb.get(x, 0.0) for x in [step.label, *running]) <= memory_limit_mb())
+    return (all(n in done for n in step.needs) and len(running) < jobs and fits
+            and (step.label not in alone or not running) and not any(label in alone for label in running))
+
+
 def simulate(steps: list[Step], seconds: dict[str, float], memory: dict[str, float], domains: list[str],
              jobs: int) -> float:
     """Seconds until every step has finished when :func:`execute` runs ``steps`` in list order
@@ -560,13 +573,12 @@ def simulate(steps: list[Step], seconds: dict[str, float], memory: dict[str, flo
     counts as done."""
     import heapq
 
-    took, rss, limit = expected(steps, seconds, domains), expected(steps, memory, domains), memory_limit_mb()
+    took, rss = expected(steps, seconds, domains), expected(steps, memory, domains)
     pending, running, now = list(steps), [], 0.0
     finished = {n for s in steps for n in s.needs} - {s.label for s in steps}
     while pending or running:
         for step in list(pending):
-            fits = not running or rss[step.label] + sum(rss[label] for _, label in running) <= limit
-            if len(running) < jobs and fits and all(n in finished for n in step.needs):
+            if startable(step, [label for _, label in running], finished, jobs, rss):
                 pending.remove(step)
                 heapq.heappush(running, (now + took[step.label], step.label))
         if not running:  # needs that nothing provides
@@ -607,8 +619,8 @@ def execute(steps: list[Step], console, log_dir: Path, jobs: int = 1, on_step_en
     """Run the steps, skipping those already done and those whose needs failed.
 
     With ``jobs`` = 1 the steps run one after the other in order, their output on the console.
-    With more, up to ``jobs`` steps run at once (each started in order as soon as its needs have
-    succeeded; :func:`longest_first` gives a good order), each with ``OMP_NUM_THREADS`` = CPU
+    With more, up to ``jobs`` steps run at once (each started in order as soon as
+    :func:`startable` allows; :func:`longest_first` gives a good order), each with ``OMP_NUM_THREADS`` = CPU
     cores // jobs and its output in ``log_dir/logs/<step>.log``.
 
     ``memory_mb``: each step's expected peak resident memory (:func:`expected`); with it, a step
@@ -660,13 +672,6 @@ def execute(steps: list[Step], console, log_dir: Path, jobs: int = 1, on_step_en
             return None
         proc.returncode = os.waitstatus_to_exitcode(status)
         return proc.returncode, usage.ru_maxrss / 1024  # Linux: KiB
-
-    limit = memory_limit_mb() if memory_mb else 0
-
-    def fits(label: str, others: list[str]) -> bool:
-        if not memory_mb or not others:
-            return True
-        return sum(memory_mb.get(x, 0.0) for x in [label, *others]) <= limit
 
     def finish(step: Step, rc: int, rss_mb: float, seconds: float, copied: bool = False,
                interrupted: bool = False) -> None:
@@ -726,10 +731,7 @@ def execute(steps: list[Step], console, log_dir: Path, jobs: int = 1, on_step_en
                     failed.add(step.label)
                     failures.append({"step": step.label, "blocked_by": blocked[0]})
                     console.print(f"{head}: [yellow]skipped[/] ({blocked[0]} failed)")
-                elif (all(n in succeeded for n in step.needs) and len(running) < jobs
-                      and (step.label not in alone or not running)
-                      and not any(label in alone for label in running)
-                      and fits(step.label, [r[1].label for r in running.values()])):
+                elif startable(step, list(running), succeeded, jobs, memory_mb, alone):
                     pending.remove(item)
                     if step.done():
                         succeeded.add(step.label)
