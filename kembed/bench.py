@@ -651,6 +651,7 @@ def execute(steps: list[Step], console, log_dir: Path, jobs: int = 1, on_step_en
     import os
     import re
     import signal
+    import threading
 
     env = dict(os.environ)
     if jobs > 1:
@@ -714,8 +715,6 @@ def execute(steps: list[Step], console, log_dir: Path, jobs: int = 1, on_step_en
 
     def on_sigterm(signum, frame):
         raise KeyboardInterrupt
-
-    import threading
 
     main = threading.current_thread() is threading.main_thread()  # only there can a handler be set
     previous = signal.signal(signal.SIGTERM, on_sigterm) if main else None
