@@ -689,3 +689,25 @@ def test_an_interrupted_bench_records_its_time_and_exits_130(data_dir, tiny_mode
     assert "Traceback" not in result.output and not (tmp_path / "results").exists()
     [record] = [json.loads(x) for x in (out / "bench-invocations.jsonl").read_text().splitlines()]
     assert record["interrupted"] is True and record["finished"] is False and record["seconds"] >= 0
+
+
+def test_step_times_compares_two_reports_on_the_steps_both_ran(tmp_path, capsys, monkeypatch):
+    monkeypatch.syspath_prepend(os.path.join(os.path.dirname(__file__), "..", "benchmarks"))
+    import step_times
+
+    def report(name, steps):
+        path = tmp_path / f"{name}.json"
+        path.write_text(json.dumps({"commit": name, "machine": "cpu", "steps": [
+            {"step": label, "returncode": 0, "seconds": s} for label, s in steps.items()]
+            + [{"step": "d base: eval x", "returncode": 1, "seconds": 999.0}]}))  # failed: not counted
+        return str(path)
+
+    before = report("a", {"d cpt: train": 100.0, "d base: eval x": 50.0, "d sft: train": 10.0})
+    after = report("b", {"d cpt: train": 100.0, "d base: eval x": 25.0, "tune d rlag (lr x2): train": 75.0})
+    assert step_times.main([before, after]) == 0
+    out = " ".join(capsys.readouterr().out.split())
+    assert "steps both ran: 2 of 3 and 3" in out
+    assert "eval 50 s -> 25 s ratio 0.50" in out and "all 150 s -> 125 s ratio 0.83" in out
+    assert "after: b, cpu: 200 s of steps; eval 12%, train 88%" in out
+    assert step_times.main([before]) == 0 and capsys.readouterr().out.strip() == \
+        "a, cpu: 160 s of steps; eval 31%, train 69%"
