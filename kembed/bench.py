@@ -518,12 +518,28 @@ def recorded(results_dir: Path, out: Path, field: str = "seconds") -> dict[str, 
 def expected(steps: list[Step], values: dict[str, float], domains: list[str]) -> dict[str, float]:
     """Label -> what each step is expected to take (seconds or MiB, :func:`recorded`): 0 for a
     copy of a tuning run (``Step.copies_tuning``), else its own recorded value (``values``, by
-    label), else the mean recorded value of its kind (:func:`step_kind`), else 0."""
+    label), else the mean recorded value of its kind (:func:`step_kind`), else, for a step that
+    does not train, the mean of the same step of the other models (``eval
+    retrieved-context-raft``: scoring costs about the same whatever trained the model; a
+    training's cost depends on its method), else 0."""
     kinds: dict[str, list[float]] = {}
     for label, value in values.items():
-        kinds.setdefault(step_kind(label, domains), []).append(value)
-    return {s.label: 0.0 if s.copies_tuning
-            else values.get(s.label, fmean(kinds.get(step_kind(s.label, domains)) or [0.0])) for s in steps}
+        kind = step_kind(label, domains)
+        kinds.setdefault(kind, []).append(value)
+        kinds.setdefault(_action(kind), []).append(value)
+
+    def guess(label: str) -> float:
+        kind = step_kind(label, domains)
+        same = kinds.get(kind) or (kinds.get(_action(kind)) if _action(kind) != ": train" else None)
+        return fmean(same or [0.0])
+
+    return {s.label: 0.0 if s.copies_tuning else values.get(s.label, guess(s.label)) for s in steps}
+
+
+def _action(kind: str) -> str:
+    """What a step of kind ``"<model>: <step>"`` (:func:`step_kind`) does, whatever the model:
+    ``": <step>"`` (``": eval closed-book-raw"``, ``": train"``)."""
+    return ": " + kind.split(": ", 1)[-1]
 
 
 def longest_first(steps: list[Step], seconds: dict[str, float], domains: list[str]) -> list[Step]:
@@ -608,7 +624,8 @@ def forecast(steps: list[Step], seconds: dict[str, float], memory: dict[str, flo
     console.print(table)
     console.print(f"{len(steps)} step(s) to run, {sum(took.values()) / 60:.0f} min of expected step time: about "
                   f"{wall / 60:.0f} min of wall time with --jobs {jobs}. Expected from the step times the committed "
-                  "reports and this output folder recorded (of the same step, else the mean of its kind, else 0; "
+                  "reports and this output folder recorded (of the same step, else the mean of its kind, else, "
+                  "but for a training, of the same step of the other models, else 0; "
                   f"{len(copies)} test run(s) that copy their selected tuning run, 0); "
                   "they hold for the machine kind that recorded them.", highlight=False)
     return wall

@@ -546,7 +546,7 @@ def test_a_long_pending_list_is_counted_per_grid_and_domain():
 
 
 def test_longest_first_starts_the_longest_chain_early_and_keeps_needs_before():
-    from kembed.bench import longest_first, step_kind
+    from kembed.bench import expected, longest_first, step_kind
 
     domains = ["current-events"]
     assert step_kind("current-events rlag (seed 43): train", domains) == "rlag: train"
@@ -570,6 +570,13 @@ def test_longest_first_starts_the_longest_chain_early_and_keeps_needs_before():
     assert all(order.index(n) < order.index(s.label) for s in steps for n in s.needs)
     # nothing recorded: the plan's order
     assert [s.label for s in longest_first(steps, {}, domains)] == [s.label for s in steps]
+    # a model none of whose steps ran: its evaluation as long as the other models' on average, its
+    # training unknown (a training's cost depends on its method)
+    raft = [step("current-events raft: train"), step("current-events raft: eval a"),
+            step("current-events raft: eval b")]
+    assert expected(raft, seconds, domains) == {"current-events raft: train": 0.0,
+                                                "current-events raft: eval a": 200.0,
+                                                "current-events raft: eval b": 0.0}
 
 
 def test_a_step_waits_while_its_expected_memory_would_not_fit_beside_the_running_one(tmp_path):
