@@ -1686,7 +1686,8 @@ def write_report(suite: Suite, rows: list[dict], failures: list[dict], results_d
              "closed-book questions; mean score in [0, 1] over judged explanations; unable-to-explain share with "
              "its Wilson 95% CI",
              "- these intervals cover the choice of questions, not variation between training seeds "
-             "(`kembed bench SUITE --seeds K` trains K seeds per method)"]
+             + ("(the section Over training seeds covers both)" if any(e["seeds"] > 1 for e in summary) else
+                "(`kembed bench SUITE --seeds K` trains K seeds per method)")]
     if carried:
         lines.append("- carried over from earlier invocations (their runs are not in this bench's output folder; "
                      "rows as the earlier report gave them): "

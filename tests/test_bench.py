@@ -181,6 +181,7 @@ def test_bench_runs_a_suite_and_resumes(data_dir, tiny_model_dir, tmp_path):
         == cell["n"]
     assert report["invocations"][0]["command"] == "kembed bench mini" and "commit" in report["invocations"][0]
     assert (results / "accuracy.png").is_file() and "| sft |" in (results / "results.md").read_text()
+    assert "(`kembed bench SUITE --seeds K` trains K seeds per method)" in (results / "results.md").read_text()
     times = {r["model"]: r for r in report["time_breakdown"]}  # every step's wall time and peak memory
     assert times["current-events sft"]["training"] > 0 and times["current-events sft"]["max_rss_mb"] > 100
     assert len(report["steps"]) == 9 and "## Where the time goes" in (results / "results.md").read_text()
@@ -499,6 +500,7 @@ def test_a_domain_too_long_for_one_session_adds_up_model_by_model(data_dir, tmp_
     assert len(second["invocations"]) == 2
     md = (results / "results.md").read_text()
     assert "## current-events (models marked carried over: commit" in md and "| cpt (carried over) |" in md
+    assert "not variation between training seeds (the section Over training seeds covers both)" in md
     # a run of the whole domain in one session supersedes the report: nothing of it is carried
     out_c = tmp_path / "out-c"
     third = report(suite, fake_models(out_c, "current-events", {"base": RUNS["base"], "sft": RUNS["sft"],
