@@ -1629,6 +1629,22 @@ def _results_json(obj: dict) -> str:
     return re.sub(r'"\\u0000outcomes-(\d+)\\u0000"', lambda m: blocks[int(m.group(1))], text) + "\n"
 
 
+def ranking_lines(ranking: list[dict], label: str) -> list[str]:
+    """results.md's paragraphs on the pairs of methods (:func:`method_ranking`) on evaluation
+    ``label``: those whose two-level 95% CI clears zero, then those undecided at this scale."""
+    def pair(e: dict, sign: str) -> str:
+        return (f"{e['a']} {sign} {e['b']} ({e['domain']}, {100 * e['diff']:+.1f} pp "
+                f"[{100 * e['ci95'][0]:+.1f}, {100 * e['ci95'][1]:+.1f}])")
+
+    decided = [pair(e, ">") for e in ranking if e["decided"]]
+    undecided = [pair(e, "vs") for e in ranking if not e["decided"]]
+    lines = [f"Rankings on {label} whose two-level 95% CI clears zero: "
+             + ("; ".join(decided) if decided else "none: every pair of methods is undecided at this scale"), ""]
+    if decided and undecided:
+        lines += ["Undecided at this scale (the CI holds zero): " + "; ".join(undecided), ""]
+    return lines
+
+
 def write_report(suite: Suite, rows: list[dict], failures: list[dict], results_dir: Path, invocations: list[dict],
                  step_times: list[dict] | None = None, pending: list[str] | None = None,
                  tuning: dict[str, dict] | None = None) -> Path:
@@ -1736,10 +1752,7 @@ def write_report(suite: Suite, rows: list[dict], failures: list[dict], results_d
                   "written before cells kept their per-question outcomes (re-run those domains to include them): "
                   + "; ".join(missing), ""]
     if ranking:
-        decided = [f"{e['a']} > {e['b']} ({e['domain']}, {100 * e['diff']:+.1f} pp "
-                   f"[{100 * e['ci95'][0]:+.1f}, {100 * e['ci95'][1]:+.1f}])" for e in ranking if e["decided"]]
-        lines += [f"Rankings on {labels[0]} whose two-level 95% CI clears zero: "
-                  + ("; ".join(decided) if decided else "none: every pair of methods is undecided at this scale"), ""]
+        lines += ranking_lines(ranking, labels[0])
     if times:
         lines += ["## Where the time goes", "", "Wall seconds of the bench's steps per model (as run here, with "
                   "the step's threads; a step run again after an interruption counts again) and the peak resident "

@@ -720,3 +720,15 @@ def test_step_times_compares_two_reports_on_the_steps_both_ran(tmp_path, capsys,
     assert "after: b, cpu: 200 s of steps; eval 12%, train 88%" in out
     assert step_times.main([before]) == 0 and capsys.readouterr().out.strip() == \
         "a, cpu: 160 s of steps; eval 31%, train 69%"
+
+
+def test_ranking_lines_name_the_decided_pairs_then_the_undecided():
+    from kembed.bench import ranking_lines
+
+    pairs = [{"domain": "d", "a": "cpt", "b": "sft", "diff": 0.103, "ci95": [0.043, 0.16], "decided": True},
+             {"domain": "d", "a": "cpt", "b": "rlag", "diff": 0.027, "ci95": [-0.019, 0.074], "decided": False}]
+    assert ranking_lines(pairs, "closed-book-raw") == [
+        "Rankings on closed-book-raw whose two-level 95% CI clears zero: cpt > sft (d, +10.3 pp [+4.3, +16.0])", "",
+        "Undecided at this scale (the CI holds zero): cpt vs rlag (d, +2.7 pp [-1.9, +7.4])", ""]
+    assert ranking_lines(pairs[1:], "x")[0] == \
+        "Rankings on x whose two-level 95% CI clears zero: none: every pair of methods is undecided at this scale"
