@@ -162,3 +162,21 @@ def test_a_sliding_window_model_generates_as_transformers_does(tiny_tokenizer, f
     assert max(len(templated(tiny_tokenizer, p)) for p in PROMPTS) > 8
     generator = LocalGenerator(model, tiny_tokenizer, FP32, max_new_tokens=MAX_NEW, batch_size=8)
     assert [out for _, out in generator.generate_ids(PROMPTS)] == reference
+
+
+def test_prepacked_linear_weights_give_the_same_bf16_tokens(early, tiny_tokenizer, monkeypatch):
+    """Decode steps on oneDNN-prepacked bf16 weights (kembed.generation.prepacked_linears) give
+    the tokens of the plain weights, bit for bit."""
+    import kembed.generation
+    from kembed.generation import prepacked_linears
+
+    model, _ = early
+    half = Placement("cpu", "bf16")
+    generator = LocalGenerator(model, tiny_tokenizer, half, max_new_tokens=MAX_NEW, batch_size=3)
+    packed = [out for _, out in generator.generate_ids(PROMPTS)]
+    monkeypatch.setattr(kembed.generation, "PREPACKED_ROWS", 0)  # every input past it: the plain weights
+    assert [out for _, out in generator.generate_ids(PROMPTS)] == packed
+    layer = model.model.layers[0].mlp.down_proj
+    with prepacked_linears(model.to(torch.bfloat16)) as n:
+        assert n == 2 * (4 + 3) + 1 and "forward" in vars(layer)  # attention and MLP projections, LM head
+    assert "forward" not in vars(layer) and next(model.parameters()).dtype == torch.bfloat16
