@@ -37,8 +37,8 @@ def prepacked_linears(model):
     ``torch.ops.mkldnn._reorder_linear_weight`` (what inductor's freezing uses) runs the same
     kernel, and its outputs were bitwise equal to ``F.linear``'s at every shape tried
     (tests/test_generation.py checks the tokens). The packed copies cost one more set of the
-    linear weights while the context is open. A model without bf16 CPU linear layers, or a
-    torch without the ops, runs as it is.
+    linear weights while the context is open. A model without bf16 CPU linear layers, a torch
+    without the ops, or a layer whose weight oneDNN cannot pack runs as it is.
 
     Yields:
         The number of linear layers prepacked.
@@ -57,10 +57,15 @@ def prepacked_linears(model):
             return linear(x, packed, layer.bias, "none", [], "")
         return forward
 
+    done = 0
     try:
         for layer in layers:
-            layer.forward = packed_forward(layer, reorder(layer.weight.detach(), PREPACKED_ROWS // 2))
-        yield len(layers)
+            try:
+                layer.forward = packed_forward(layer, reorder(layer.weight.detach(), PREPACKED_ROWS // 2))
+            except RuntimeError:  # a oneDNN build or CPU that cannot pack this weight: plain weights
+                continue
+            done += 1
+        yield done
     finally:
         for layer in layers:
             layer.__dict__.pop("forward", None)
