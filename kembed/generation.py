@@ -34,8 +34,8 @@ def prepacked_linears(model):
     call; for a decode step of a few rows that repacking costs about as much as the product
     (on the AMD EPYC: 241 against 87 us for a 576 x 1536 layer at 8 rows, 11.5 against 6.0 ms
     for SmolLM2's LM head). ``torch.ops.mkldnn._linear_pointwise`` on a weight prepacked by
-    ``torch.ops.mkldnn._reorder_linear_weight`` (what inductor's freezing uses) runs the same
-    kernel, and its outputs were bitwise equal to ``F.linear``'s at every shape tried
+    ``torch.ops.mkldnn._reorder_linear_weight`` (what inductor's freezing uses) skips that
+    repacking, and its outputs were bitwise equal to ``F.linear``'s at every shape tried
     (tests/test_generation.py checks the tokens). The packed copies cost one more set of the
     linear weights while the context is open. A model without bf16 CPU linear layers, a torch
     without the ops, or a layer whose weight oneDNN cannot pack runs as it is.
