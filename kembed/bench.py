@@ -16,6 +16,7 @@ as well.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import platform
@@ -560,6 +561,7 @@ def longest_first(steps: list[Step], seconds: dict[str, float], domains: list[st
     return sorted(steps, key=lambda s: -chain[s.label])
 
 
+@functools.cache  # asked at every start decision of execute and simulate; the machine's memory does not change
 def memory_limit_mb() -> float:
     """90% of this machine's physical memory, in MiB: what the expected peaks of steps running
     at once may add up to (:func:`execute`)."""
