@@ -522,7 +522,8 @@ def expected(steps: list[Step], values: dict[str, float], domains: list[str]) ->
     label), else the mean recorded value of its kind (:func:`step_kind`), else, for a step that
     does not train, the mean of the same step of the other models (``eval
     retrieved-context-raft``: scoring costs about the same whatever trained the model; a
-    training's cost depends on its method), else 0."""
+    training's cost depends on its method; a retention step, of every retention step, whatever
+    domain it scores: a medical model's ``retention current-events`` before any ran), else 0."""
     kinds: dict[str, list[float]] = {}
     for label, value in values.items():
         kind = step_kind(label, domains)
@@ -532,6 +533,8 @@ def expected(steps: list[Step], values: dict[str, float], domains: list[str]) ->
     def guess(label: str) -> float:
         kind = step_kind(label, domains)
         same = kinds.get(kind) or (kinds.get(_action(kind)) if _action(kind) != ": train" else None)
+        if not same and _action(kind).startswith(": retention "):
+            same = [v for k, vs in kinds.items() if k.startswith(": retention ") for v in vs]
         return fmean(same or [0.0])
 
     return {s.label: 0.0 if s.copies_tuning else values.get(s.label, guess(s.label)) for s in steps}

@@ -579,6 +579,10 @@ def test_longest_first_starts_the_longest_chain_early_and_keeps_needs_before():
     assert expected(raft, seconds, domains) == {"current-events raft: train": 0.0,
                                                 "current-events raft: eval a": 200.0,
                                                 "current-events raft: eval b": 0.0}
+    # a retention step on a domain no model has been scored on yet: what retention steps took
+    seconds |= {"current-events rlag (seed 42): retention legal": 60, "current-events base: retention medical": 40}
+    medical = [step("medical rlag: retention current-events")]
+    assert expected(medical, seconds, ["current-events", "medical"]) == {"medical rlag: retention current-events": 50.0}
 
 
 def test_a_step_waits_while_its_expected_memory_would_not_fit_beside_the_running_one(tmp_path):
