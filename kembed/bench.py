@@ -27,7 +27,7 @@ import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from statistics import fmean
+from statistics import fmean, stdev
 from typing import Callable
 
 import yaml
@@ -949,11 +949,18 @@ def paired_rationality(folder: Path, reference: Path, judge: str = "grounded") -
     """
     from kembed.stats import paired_bootstrap_diff
 
-    a, b = _latest_judgments(folder, judge), _latest_judgments(reference, judge)
+    a, b = judged_scores(folder, judge), judged_scores(reference, judge)
     if not a or not b:
         return None
-    ids = sorted(i for i in set(a) & set(b) if a[i]["score"] is not None and b[i]["score"] is not None)
-    return paired_bootstrap_diff([a[i]["score"] for i in ids], [b[i]["score"] for i in ids])
+    ids = sorted(set(a) & set(b))
+    return paired_bootstrap_diff([a[i] for i in ids], [b[i] for i in ids])
+
+
+def judged_scores(folder: Path, judge: str = "grounded") -> dict[str, float]:
+    """Question id -> the score in [0, 1] the latest configuration of ``judge`` gave the
+    explanation in an evaluation folder (explanations without a score left out); empty when not
+    judged. A cell carries them (``grounded_scores``) for :func:`seed_rationality`."""
+    return {i: r["score"] for i, r in _latest_judgments(folder, judge).items() if r["score"] is not None}
 
 
 def eval_cell(folder: Path, reference: Path | None, classes: dict[str, str] | None = None) -> dict | None:
@@ -991,6 +998,7 @@ def eval_cell(folder: Path, reference: Path | None, classes: dict[str, str] | No
     judged = rationality(folder)
     if judged:
         cell["grounded"] = judged
+        cell["grounded_scores"] = {i: round(v, 6) for i, v in sorted(judged_scores(folder).items())}
         if ref is not None:
             cell["grounded_vs_reference"] = paired_rationality(folder, reference)
     return cell
@@ -1351,6 +1359,54 @@ def method_ranking(rows: list[dict], label: str) -> list[dict]:
     return out
 
 
+def seed_rationality(rows: list[dict], labels: list[str]) -> list[dict]:
+    """Per domain and method, grounded rationality over training seeds against the base model,
+    on the first evaluation whose cells carry judged scores (``grounded_scores``,
+    :func:`eval_cell`): per seed the mean score, and the paired difference to the base model on
+    the questions both explained with a score (each model explains only its own correct
+    answers), with the two-level bootstrap over seeds and then pairs
+    (:func:`kembed.stats.seeds_paired_mean`).
+
+    Reads only the rows; a method with a cell without scores is left out.
+
+    Returns:
+        Dicts ``{"domain", "method", "evaluation", "seeds", "mean", "sd" (over seeds' mean
+        scores), "base": the base model's mean score, "n": pairs per seed, "diff", "ci95"}``,
+        scores in [0, 1].
+    """
+    from kembed.stats import seeds_paired_mean
+
+    out = []
+    for domain in dict.fromkeys(r["domain"] for r in rows):
+        by_label = {label: {m: [c.get("grounded_scores") for c in cells]
+                            for m, cells in _runs_by_method(rows, domain, label).items()} for label in labels}
+        label = next((lb for lb, runs in by_label.items() if (runs.get("base") or [None])[0]), None)
+        if label is None:
+            continue
+        runs = by_label[label]
+        base = runs["base"][0]
+        for method, seeds in runs.items():
+            if method == "base" or not all(seeds):
+                continue
+            means = [fmean(s.values()) for s in seeds]
+            paired = seeds_paired_mean([[s[i] - base[i] for i in sorted(set(s) & set(base))] for s in seeds])
+            out.append({"domain": domain, "method": method, "evaluation": label, "seeds": len(seeds),
+                        "mean": fmean(means), "sd": stdev(means) if len(means) > 1 else 0.0,
+                        "base": fmean(base.values()), "n": paired["n"], "diff": paired["diff"], "ci95": paired["ci95"]})
+    return out
+
+
+def rationality_table(summary: list[dict]) -> tuple[list[str], list[list[str]]]:
+    """Header and cells of :func:`seed_rationality` for results.md."""
+    header = ["domain", "method", "evaluation", "seeds", "mean score +- sd (base)",
+              "vs base, both correct [two-level CI]", "pairs per seed"]
+    body = [[e["domain"], e["method"], e["evaluation"], str(e["seeds"]),
+             f"{e['mean']:.2f} +- {e['sd']:.2f} ({e['base']:.2f})",
+             f"{e['diff']:+.2f} [{e['ci95'][0]:+.2f}, {e['ci95'][1]:+.2f}]", ", ".join(map(str, e["n"]))]
+            for e in summary]
+    return header, body
+
+
 def seed_table(summary: list[dict]) -> tuple[list[str], list[list[str]]]:
     """Header and cells of :func:`seed_summary` for results.md."""
     def pp(d):
@@ -1666,8 +1722,9 @@ def write_report(suite: Suite, rows: list[dict], failures: list[dict], results_d
     ``outcomes`` give every question's correctness and knowledge class in compact form,
     :func:`outcomes`; a row carried over from an earlier report, :func:`carry_over`, has
     ``carried_from: {"commit", "date"}`` and a ``folder`` that need not exist); ``carried``
-    (domain -> that mark); ``over_seeds`` (:func:`seed_summary`) and ``ranking``
-    (:func:`method_ranking`), from the rows' outcomes alone; ``without_outcomes``
+    (domain -> that mark); ``over_seeds`` (:func:`seed_summary`), ``ranking``
+    (:func:`method_ranking`) and ``rationality_over_seeds`` (:func:`seed_rationality`), from the
+    rows' outcomes and judged scores alone; ``without_outcomes``
     (:func:`without_outcomes`: cells these leave out); ``tuning`` (:func:`tuning_section`: every
     configuration's validation score, the ids it was scored on, and the selection); ``steps``
     and ``time_breakdown``;
@@ -1685,10 +1742,12 @@ def write_report(suite: Suite, rows: list[dict], failures: list[dict], results_d
             "bench_seconds": round(sum(i.get("seconds") or 0 for i in invocations), 1), "invocations": invocations,
             "scorer": SCORER, "failures": failures, "pending": pending or [], "carried": carried}
     summary, ranking = seed_summary(rows, labels), method_ranking(rows, labels[0])
+    judged = seed_rationality(rows, labels)
     missing = without_outcomes(rows, labels)
     times = time_breakdown(step_times or [])
     write_atomic(results_dir / "results.json", _results_json(
         {**meta, "tuning": tuning or {}, "rows": rows, "over_seeds": summary, "ranking": ranking,
+         "rationality_over_seeds": judged,
          "without_outcomes": missing,
          "steps": step_times or [], "time_breakdown": times}))
     plots = plot(rows, labels, results_dir)
@@ -1752,6 +1811,11 @@ def write_report(suite: Suite, rows: list[dict], failures: list[dict], results_d
                   "that resamples seeds, then questions. Taught: test questions whose gold answer is in the "
                   "training records' knowledge snippets; untaught: in their own snippets, none trained on.", "",
                   markdown_table(*seed_table(summary)), ""]
+    if judged:
+        lines += ["Grounded rationality over training seeds: each seed's mean score over its judged explanations "
+                  "(of its correct answers), and the paired difference to the base model on the questions both "
+                  "explained, with a two-level bootstrap 95% CI that resamples seeds, then those questions.", "",
+                  markdown_table(*rationality_table(judged)), ""]
     if missing:
         lines += ["Left out of the statistics over seeds and the rankings: cells carried over from a results.json "
                   "written before cells kept their per-question outcomes (re-run those domains to include them): "

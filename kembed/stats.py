@@ -4,11 +4,13 @@ Offers :func:`bootstrap_ci` (percentile bootstrap interval of one run's accuracy
 :func:`paired_bootstrap_diff` and :func:`mcnemar_exact` (two runs scored on the same
 questions), :func:`paired_accuracy` (both, aligning two runs by question id),
 :func:`wilson_interval` (interval of a proportion), :func:`sign_test` and :func:`win_rate`
-(pairwise win / loss / tie verdicts, e.g. from a judge).
+(pairwise win / loss / tie verdicts, e.g. from a judge), and, over several training seeds,
+:func:`seeds_bootstrap_diff`, :func:`seeds_accuracy` and :func:`seeds_paired_mean`.
 
 Every interval and p-value here treats the questions as a sample from a larger population of
 questions: it covers question sampling only, not the variation between training seeds (or other
-sources of run-to-run randomness); that needs several runs. All accuracies, rates and
+sources of run-to-run randomness), but for the ``seeds_*`` functions, which resample the seeds of
+several runs too. All accuracies, rates and
 intervals are fractions in [0, 1], not percent.
 """
 
@@ -258,6 +260,46 @@ def seeds_bootstrap_diff(a: Sequence[Sequence], b: Sequence[Sequence], *, resamp
     tail = (1 - level) / 2 * 100
     low, high = np.percentile(diffs, [tail, 100 - tail])
     return {"n": n, "seeds_a": len(x), "seeds_b": len(y), "diff": float(x.mean() - y.mean()),
+            "ci95": [float(low), float(high)]}
+
+
+def seeds_paired_mean(diffs: Sequence[Sequence[float]], *, resamples: int = 2000, seed: int = 0,
+                      level: float = 0.95) -> dict:
+    """Two-level bootstrap of a paired difference whose pairs differ from one training seed to
+    the next: e.g. a model's rationality against the base model's, each seed on the questions
+    that seed and the base model both answered correctly (each model explains only its own
+    correct answers).
+
+    Each resample draws seeds with replacement, then, within each drawn seed, its pairs with
+    replacement, and takes the mean over the drawn seeds of their means (each seed weighs the
+    same, whatever its number of pairs; Davison & Hinkley 1997, sec. 3.8, as
+    :func:`seeds_bootstrap_diff`). With one seed it is :func:`paired_bootstrap_diff` of that
+    seed's pairs.
+
+    Args:
+        diffs: ``[K][n_k]``: per seed, one difference (A - B) per pair; a seed without pairs is
+            left out.
+        resamples: bootstrap resamples.
+        seed: seed of the resampling generator.
+        level: coverage (0.95 gives the 2.5th and 97.5th percentiles).
+
+    Returns:
+        ``{"seeds": seeds with pairs, "n": [n_k per seed given], "diff": mean over those seeds of
+        their mean difference, "ci95": [low, high]}``; diff 0.0 and ``[0.0, 0.0]`` when no seed
+        has pairs.
+    """
+    runs = [np.asarray(d, dtype=float) for d in diffs if len(d)]
+    sizes = [len(d) for d in diffs]
+    if not runs:
+        return {"seeds": 0, "n": sizes, "diff": 0.0, "ci95": [0.0, 0.0]}
+    rng = np.random.default_rng(seed)
+    means = np.empty(resamples)
+    for i in range(resamples):
+        drawn = rng.integers(0, len(runs), size=len(runs))  # seeds
+        means[i] = np.mean([runs[k][rng.integers(0, len(runs[k]), size=len(runs[k]))].mean() for k in drawn])
+    tail = (1 - level) / 2 * 100
+    low, high = np.percentile(means, [tail, 100 - tail])
+    return {"seeds": len(runs), "n": sizes, "diff": float(np.mean([r.mean() for r in runs])),
             "ci95": [float(low), float(high)]}
 
 

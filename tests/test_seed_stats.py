@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from kembed.stats import paired_bootstrap_diff, seeds_accuracy, seeds_bootstrap_diff
+from kembed.stats import paired_bootstrap_diff, seeds_accuracy, seeds_bootstrap_diff, seeds_paired_mean
 
 
 def direct_two_level(a, b, resamples, seed, level=0.95):
@@ -64,3 +64,42 @@ def test_two_level_rejects_mismatched_runs():
         seeds_bootstrap_diff([[1, 0]], [[1, 0, 1]])
     with pytest.raises(ValueError):
         seeds_bootstrap_diff([], [[1]])
+
+
+def direct_paired_mean(diffs, resamples, seed, level=0.95):
+    """seeds_paired_mean's resampling with plain loops: draw seeds, then each drawn seed's pairs."""
+    rng = np.random.default_rng(seed)
+    runs = [d for d in diffs if d]
+    means = []
+    for _ in range(resamples):
+        drawn = rng.integers(0, len(runs), size=len(runs))
+        per_seed = []
+        for k in drawn:
+            picks = rng.integers(0, len(runs[k]), size=len(runs[k]))
+            per_seed.append(sum(runs[k][j] for j in picks) / len(picks))
+        means.append(sum(per_seed) / len(per_seed))
+    tail = (1 - level) / 2 * 100
+    return [float(v) for v in np.percentile(means, [tail, 100 - tail])]
+
+
+def test_paired_mean_over_seeds_matches_direct_computation():
+    rng = np.random.default_rng(4)
+    diffs = [rng.normal(0.2, 0.3, size=n).tolist() for n in (25, 31, 0, 18)]  # a seed without pairs
+    out = seeds_paired_mean(diffs, resamples=300, seed=5)
+    assert out["ci95"] == pytest.approx(direct_paired_mean(diffs, 300, 5), abs=1e-12)
+    assert out["diff"] == pytest.approx(np.mean([np.mean(d) for d in diffs if d]))  # each seed weighs the same
+    assert out["seeds"] == 3 and out["n"] == [25, 31, 0, 18]
+    assert seeds_paired_mean([[], []]) == {"seeds": 0, "n": [0, 0], "diff": 0.0, "ci95": [0.0, 0.0]}
+
+
+def test_paired_mean_over_seeds_sees_the_seeds_disagree():
+    # two seeds, each sure of itself (+0.5 and -0.5 on every pair): one seed's interval is a
+    # point, the two seeds' interval spans both
+    one = seeds_paired_mean([[0.5] * 30], resamples=500)
+    assert one["ci95"] == pytest.approx([0.5, 0.5])
+    two = seeds_paired_mean([[0.5] * 30, [-0.5] * 30], resamples=500)
+    assert two["diff"] == pytest.approx(0.0) and two["ci95"] == pytest.approx([-0.5, 0.5])
+    rng = np.random.default_rng(6)
+    d = rng.normal(0.1, 0.4, size=200).tolist()
+    assert seeds_paired_mean([d], resamples=4000, seed=1)["ci95"] == pytest.approx(
+        paired_bootstrap_diff(d, [0.0] * 200, resamples=4000, seed=1)["ci95"], abs=0.01)

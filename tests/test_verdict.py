@@ -10,7 +10,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from kembed.bench import ModelEntry, collect, method_ranking, seed_summary
+from kembed.bench import ModelEntry, collect, method_ranking, seed_rationality, seed_summary
 from kembed.data import TAUGHT, UNTAUGHT, answer_knowledge, knowledge_coverage, load_records, training_sample
 from kembed.train import TrainContext
 
@@ -76,8 +76,14 @@ def test_taught_classes_count_what_data_coverage_counts():
     assert sum(k == UNTAUGHT for k in classes.values()) > 0
 
 
-def write_eval(folder, correct, classes=None):
+def write_eval(folder, correct, classes=None, scores=None):
+    """An evaluation folder with ``correct[i]`` for question ``q{i}``; ``scores``: question index
+    -> the grounded judge's score of its explanation."""
     folder.mkdir(parents=True)
+    if scores:
+        (folder / "judgments.jsonl").write_text("".join(json.dumps(
+            {"id": f"q{i}", "judge": "grounded", "version": "1", "settings": {}, "verdict": "partial",
+             "score": v, "unable": False, "details": {}}) + "\n" for i, v in scores.items()))
     rows = []
     for i, ok in enumerate(correct):
         row = {"id": f"q{i}", "correct": {"token_mean": ok}}
@@ -331,3 +337,24 @@ def test_rationality_is_compared_on_questions_both_answered_correctly(tmp_path):
     assert out["n"] == 2 and out["diff"] == pytest.approx(0.35)
     assert 0.19 <= out["ci95"][0] <= out["ci95"][1] <= 0.51  # the two differences: 0.5 and 0.2
     assert paired_rationality(a, tmp_path) is None
+
+
+def test_rationality_over_seeds_pairs_each_seed_with_the_base_model(tmp_path):
+    """Each seed's difference to the base model is taken on the questions both explained."""
+    n = 10
+    base = {0: 0.2, 1: 0.4, 2: 0.0, 3: 0.6}
+    seeds = {1: {0: 0.6, 1: 0.4, 5: 1.0}, 2: {2: 0.5, 3: 0.6, 4: 0.9}}  # pairs: q0, q1 | q2, q3
+    models = [ModelEntry("d", "base", None, None, "m", None,
+                         {"closed-book-raw": write_eval(tmp_path / "base", [i in base for i in range(n)], scores=base)})]
+    for seed, scores in seeds.items():
+        models.append(ModelEntry("d", f"rlag (seed {seed})", "rlag", seed, "m", None, {"closed-book-raw": write_eval(
+            tmp_path / f"rlag-{seed}", [i in scores for i in range(n)], scores=scores)}))
+    models.append(ModelEntry("d", "sft", "sft", 1, "m", None,
+                             {"closed-book-raw": write_eval(tmp_path / "sft", [True] * n)}))  # not judged: left out
+    rows = collect(models)
+    [rlag] = seed_rationality(rows, ["closed-book-raw"])
+    assert (rlag["method"], rlag["seeds"], rlag["n"]) == ("rlag", 2, [2, 2])
+    assert rlag["mean"] == pytest.approx((2.0 / 3 + 2.0 / 3) / 2) and rlag["sd"] == pytest.approx(0.0)
+    assert rlag["base"] == pytest.approx(0.3)
+    assert rlag["diff"] == pytest.approx(((0.4 + 0.0) / 2 + (0.5 + 0.0) / 2) / 2)
+    assert rlag["ci95"][0] <= rlag["diff"] <= rlag["ci95"][1]
