@@ -1690,6 +1690,50 @@ def _results_json(obj: dict) -> str:
     return re.sub(r'"\\u0000outcomes-(\d+)\\u0000"', lambda m: blocks[int(m.group(1))], text) + "\n"
 
 
+def verdict_table(domain: str, rows: list[dict], labels: list[str], summary: list[dict],
+                  judged: list[dict]) -> tuple[list[str], list[list[str]]]:
+    """Header and cells of one domain's verdict: a line per method over its training seeds
+    (:func:`seed_summary`, :func:`seed_rationality`), after the base model's: accuracy mean +- sd
+    on the first evaluation and its two-level CI against base, overall and on taught and untaught
+    questions; the other evaluations' difference to base with their CI; retention (the mean over
+    seeds of each run's mean change on the other domains); grounded rationality with its
+    difference to base on the questions both explained; mean training seconds. Empty when no
+    method of the domain has statistics over seeds.
+
+    Reads only the rows and those summaries (percentage points, scores in [0, 1])."""
+    def ci(e: dict, scale: float = 100, digits: int = 1) -> str:
+        return (f"{scale * e['diff']:+.{digits}f} [{scale * e['ci95'][0]:+.{digits}f}, "
+                f"{scale * e['ci95'][1]:+.{digits}f}]")
+
+    acc = {(e["method"], e["evaluation"]): e for e in summary if e["domain"] == domain}
+    rat = {e["method"]: e for e in judged if e["domain"] == domain}
+    methods = list(dict.fromkeys(m for m, label in acc if label == labels[0]))
+    if not methods:
+        return [], []
+    first = labels[0]
+    header = ["method", "seeds", f"{first} % mean +- sd", "vs base (pp) [two-level CI]", "taught vs base (n)",
+              "untaught vs base (n)", *(f"{label} vs base (pp)" for label in labels[1:]), "retention vs base (pp, mean)",
+              "grounded rationality, vs base both correct", "training s (mean)"]
+    base = next((r for r in rows if r["domain"] == domain and r["method"] is None), None)
+    base_cells = (base or {}).get("evals", {})
+    base_grounded = next((e["base"] for e in rat.values()), None)
+    body = [["base", "-", _pct(base_cells[first]["accuracy"]) if base_cells.get(first) else "-", "-", "-", "-",
+             *(f"{_pct(base_cells[label]['accuracy'])}%" if base_cells.get(label) else "-" for label in labels[1:]),
+             "-", f"{base_grounded:.2f}" if base_grounded is not None else "-", "-"]]
+    for method in methods:
+        e = acc[(method, first)]
+        runs = [r for r in rows if r["domain"] == domain and r["method"] == method]
+        kept = [r["retention_mean"] for r in runs if r.get("retention_mean") is not None]
+        seconds = [r["training_seconds"] for r in runs if r.get("training_seconds")]
+        parts = [f"{ci(e[k])} ({e[k]['n']})" if e.get(k) else "-" for k in ("taught", "untaught")]
+        others = [ci(acc[(method, label)]) if (method, label) in acc else "-" for label in labels[1:]]
+        r = rat.get(method)
+        body.append([method, str(e["seeds"]), f"{_pct(e['mean'])} +- {_pct(e['sd'])}", ci(e), *parts, *others,
+                     f"{100 * fmean(kept):+.1f}" if kept else "-",
+                     f"{r['mean']:.2f}, {ci(r, 1, 2)}" if r else "-", f"{fmean(seconds):.0f}" if seconds else "-"])
+    return header, body
+
+
 def ranking_lines(ranking: list[dict], label: str) -> list[str]:
     """results.md's paragraphs on the pairs of methods (:func:`method_ranking`) on evaluation
     ``label``: those whose two-level 95% CI clears zero, then those undecided at this scale."""
@@ -1777,6 +1821,15 @@ def write_report(suite: Suite, rows: list[dict], failures: list[dict], results_d
         lines.append(f"- **partial**: {len(pending)} step(s) not finished yet, so the models they train or score "
                      f"are missing or incomplete below: {pending_summary(pending, suite.domains)}")
     lines.append("")
+    verdicts = [(d, verdict_table(d, rows, labels, summary, judged)) for d in dict.fromkeys(r["domain"] for r in rows)]
+    if any(body for _, (_, body) in verdicts):
+        lines += ["## Verdict", "", "Per domain, each method over its training seeds against the base model: "
+                  "differences in percentage points with two-level bootstrap 95% CIs that resample seeds, then "
+                  "questions (the base row gives its own accuracy; the sections below give each run alone). A "
+                  "difference whose CI holds zero is undecided at this scale.", ""]
+        for domain, (header, body) in verdicts:
+            if body:
+                lines += [f"### {domain}", "", markdown_table(header, body), ""]
     if tuning:
         from kembed.tune import summary_lines
 

@@ -10,7 +10,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from kembed.bench import ModelEntry, collect, method_ranking, seed_rationality, seed_summary
+from kembed.bench import ModelEntry, collect, method_ranking, seed_rationality, seed_summary, verdict_table
 from kembed.data import TAUGHT, UNTAUGHT, answer_knowledge, knowledge_coverage, load_records, training_sample
 from kembed.train import TrainContext
 
@@ -358,3 +358,15 @@ def test_rationality_over_seeds_pairs_each_seed_with_the_base_model(tmp_path):
     assert rlag["base"] == pytest.approx(0.3)
     assert rlag["diff"] == pytest.approx(((0.4 + 0.0) / 2 + (0.5 + 0.0) / 2) / 2)
     assert rlag["ci95"][0] <= rlag["diff"] <= rlag["ci95"][1]
+    # the verdict: a line per method over its seeds, after the base model's
+    summary = seed_summary(rows, ["closed-book-raw"])
+    header, body = verdict_table("d", rows, ["closed-book-raw"], summary, [rlag])
+    assert [line[0] for line in body] == ["base", "rlag", "sft"]
+    assert body[0][2] == "40.0" and body[0][header.index("grounded rationality, vs base both correct")] == "0.30"
+    acc = next(e for e in summary if e["method"] == "rlag")
+    line = dict(zip(header, body[1]))
+    assert line["seeds"] == "2" and line["vs base (pp) [two-level CI]"] == (
+        f"{100 * acc['diff']:+.1f} [{100 * acc['ci95'][0]:+.1f}, {100 * acc['ci95'][1]:+.1f}]")
+    assert line["grounded rationality, vs base both correct"].startswith(f"0.67, {rlag['diff']:+.2f} [")
+    assert dict(zip(header, body[2]))["grounded rationality, vs base both correct"] == "-"  # sft: not judged
+    assert verdict_table("other", rows, ["closed-book-raw"], summary, [rlag]) == ([], [])
