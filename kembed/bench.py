@@ -1080,6 +1080,12 @@ def _pct(x: float) -> str:
     return f"{100 * x:.1f}"
 
 
+def _ci(e: dict, scale: float = 100, digits: int = 1) -> str:
+    """``"+d [+lo, +hi]"`` of a ``{"diff", "ci95"}`` dict: points by default (``scale`` 100)."""
+    d, (lo, hi) = e["diff"], e["ci95"]
+    return f"{scale * d:+.{digits}f} [{scale * lo:+.{digits}f}, {scale * hi:+.{digits}f}]"
+
+
 def _p(p: float) -> str:
     return f"{p:.3f}" if p >= 0.001 else "<0.001"
 
@@ -1402,23 +1408,20 @@ def rationality_table(summary: list[dict]) -> tuple[list[str], list[list[str]]]:
               "vs base, both correct [two-level CI]", "pairs per seed"]
     body = [[e["domain"], e["method"], e["evaluation"], str(e["seeds"]),
              f"{e['mean']:.2f} +- {e['sd']:.2f} ({e['base']:.2f})",
-             f"{e['diff']:+.2f} [{e['ci95'][0]:+.2f}, {e['ci95'][1]:+.2f}]", ", ".join(map(str, e["n"]))]
+             _ci(e, 1, 2), ", ".join(map(str, e["n"]))]
             for e in summary]
     return header, body
 
 
 def seed_table(summary: list[dict]) -> tuple[list[str], list[list[str]]]:
     """Header and cells of :func:`seed_summary` for results.md."""
-    def pp(d):
-        return f"{100 * d['diff']:+.1f} [{100 * d['ci95'][0]:+.1f}, {100 * d['ci95'][1]:+.1f}]"
-
     header = ["domain", "method", "evaluation", "seeds", "mean % +- sd", "min-max %", "vs base (pp) [two-level CI]",
               "taught: mean %, vs base (n)", "untaught: mean %, vs base (n)"]
     body = []
     for e in summary:
-        parts = [f"{_pct(e[k]['mean'])}, {pp(e[k])} ({e[k]['n']})" if e.get(k) else "-" for k in ("taught", "untaught")]
+        parts = [f"{_pct(e[k]['mean'])}, {_ci(e[k])} ({e[k]['n']})" if e.get(k) else "-" for k in ("taught", "untaught")]
         body.append([e["domain"], e["method"], e["evaluation"], str(e["seeds"]),
-                     f"{_pct(e['mean'])} +- {_pct(e['sd'])}", f"{_pct(e['min'])}-{_pct(e['max'])}", pp(e), *parts])
+                     f"{_pct(e['mean'])} +- {_pct(e['sd'])}", f"{_pct(e['min'])}-{_pct(e['max'])}", _ci(e), *parts])
     return header, body
 
 
@@ -1701,10 +1704,6 @@ def verdict_table(domain: str, rows: list[dict], labels: list[str], summary: lis
     method of the domain has statistics over seeds.
 
     Reads only the rows and those summaries (percentage points, scores in [0, 1])."""
-    def ci(e: dict, scale: float = 100, digits: int = 1) -> str:
-        return (f"{scale * e['diff']:+.{digits}f} [{scale * e['ci95'][0]:+.{digits}f}, "
-                f"{scale * e['ci95'][1]:+.{digits}f}]")
-
     acc = {(e["method"], e["evaluation"]): e for e in summary if e["domain"] == domain}
     rat = {e["method"]: e for e in judged if e["domain"] == domain}
     methods = list(dict.fromkeys(m for m, label in acc if label == labels[0]))
@@ -1725,12 +1724,12 @@ def verdict_table(domain: str, rows: list[dict], labels: list[str], summary: lis
         runs = [r for r in rows if r["domain"] == domain and r["method"] == method]
         kept = [r["retention_mean"] for r in runs if r.get("retention_mean") is not None]
         seconds = [r["training_seconds"] for r in runs if r.get("training_seconds")]
-        parts = [f"{ci(e[k])} ({e[k]['n']})" if e.get(k) else "-" for k in ("taught", "untaught")]
-        others = [ci(acc[(method, label)]) if (method, label) in acc else "-" for label in labels[1:]]
+        parts = [f"{_ci(e[k])} ({e[k]['n']})" if e.get(k) else "-" for k in ("taught", "untaught")]
+        others = [_ci(acc[(method, label)]) if (method, label) in acc else "-" for label in labels[1:]]
         r = rat.get(method)
-        body.append([method, str(e["seeds"]), f"{_pct(e['mean'])} +- {_pct(e['sd'])}", ci(e), *parts, *others,
+        body.append([method, str(e["seeds"]), f"{_pct(e['mean'])} +- {_pct(e['sd'])}", _ci(e), *parts, *others,
                      f"{100 * fmean(kept):+.1f}" if kept else "-",
-                     f"{r['mean']:.2f}, {ci(r, 1, 2)}" if r else "-", f"{fmean(seconds):.0f}" if seconds else "-"])
+                     f"{r['mean']:.2f}, {_ci(r, 1, 2)}" if r else "-", f"{fmean(seconds):.0f}" if seconds else "-"])
     return header, body
 
 

@@ -10,8 +10,7 @@ questions), :func:`paired_accuracy` (both, aligning two runs by question id),
 Every interval and p-value here treats the questions as a sample from a larger population of
 questions: it covers question sampling only, not the variation between training seeds (or other
 sources of run-to-run randomness), but for the ``seeds_*`` functions, which resample the seeds of
-several runs too. All accuracies, rates and
-intervals are fractions in [0, 1], not percent.
+several runs too. All accuracies, rates and intervals are fractions in [0, 1], not percent.
 """
 
 from __future__ import annotations
