@@ -36,7 +36,7 @@ from pydantic import Field, ValidationError
 from kembed.config import Strict
 from kembed.errors import ConfigError, KembedError
 from kembed.tune import TuneSpec
-from kembed.runs import read_jsonl
+from kembed.runs import read_jsonl, training_seconds
 from kembed.tables import ConsoleTables, markdown_table
 
 BENCH_DIR = Path(__file__).resolve().parent.parent / "benchmarks"
@@ -908,12 +908,10 @@ def by_knowledge(correct: dict[str, bool], reference: dict[str, bool] | None, cl
 
 
 def _training_seconds(run: Path | None) -> float | None:
-    """Training wall time of a run: the sum over its invocations (``end`` events; an interrupted
-    one that was resumed counts only from its resume)."""
+    """Training wall time of a run (:func:`kembed.runs.training_seconds`); ``None`` without one."""
     if run is None or not (run / "metrics.jsonl").is_file():
         return None
-    ends = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if '"event": "end"' in line]
-    return round(sum(e.get("seconds", 0) for e in ends), 1) if ends else None
+    return training_seconds(read_jsonl(run / "metrics.jsonl"))
 
 
 def _latest_judgments(folder: Path, judge: str) -> dict[str, dict]:

@@ -99,6 +99,35 @@ def environment(placement=None, seed: int | None = None) -> dict:
     return env
 
 
+def training_seconds(events: list[dict]) -> float | None:
+    """Wall seconds a run's training took, from its metrics.jsonl rows (``{"event", "time", ...}``,
+    in order): the sum over its sessions (each begins at a ``start`` event) of the time from that
+    start to the session's last kept work. Kept is an ``iteration_end`` or ``end`` event, or a
+    ``train`` step (``label``, ``step``) that no later session logs again: a resume continues
+    after its last iteration or epoch checkpoint and redoes (logs again) the steps after it. An
+    interrupted session so counts the work its resume kept, not the work it lost.
+
+    Returns:
+        Seconds, or ``None`` when the run never finished (no ``end`` event).
+    """
+    if not any(e.get("event") == "end" for e in events):
+        return None
+    sessions: list[list[dict]] = []
+    for e in events:
+        if e.get("event") == "start":
+            sessions.append([])
+        if sessions:
+            sessions[-1].append(e)
+    total, later_steps = 0.0, set()
+    for session in reversed(sessions):
+        steps = {(e.get("label"), e.get("step")) for e in session if e.get("event") == "train"}
+        kept = [e["time"] for e in session if e.get("event") in ("iteration_end", "end")
+                or (e.get("event") == "train" and (e.get("label"), e.get("step")) not in later_steps)]
+        total += max(kept, default=session[0]["time"]) - session[0]["time"]
+        later_steps |= steps
+    return round(total, 1)
+
+
 class Run:
     """One training run directory (see the module docstring for the layout).
 

@@ -736,3 +736,22 @@ def test_ranking_lines_name_the_decided_pairs_then_the_undecided():
         "Undecided at this scale (the CI holds zero): cpt vs rlag (d, +2.7 pp [-1.9, +7.4])", ""]
     assert ranking_lines(pairs[1:], "x")[0] == \
         "Rankings on x whose two-level 95% CI clears zero: none: every pair of methods is undecided at this scale"
+
+
+def test_training_seconds_counts_what_a_resume_kept_of_each_session():
+    from kembed.runs import training_seconds
+
+    def train(t, step, label="sft"):
+        return {"event": "train", "time": t, "label": label, "step": step}
+
+    # interrupted in epoch 2 (steps 3-4) after the epoch-1 checkpoint at step 2: the resume redoes step 3
+    events = [{"event": "start", "time": 0.0}, train(10, 1), train(20, 2), train(30, 3),
+              {"event": "start", "time": 100.0}, train(112, 3), train(118, 4), {"event": "end", "time": 120.0, "seconds": 20}]
+    assert training_seconds(events) == 20 + 20
+    assert training_seconds(events[:4]) is None  # never finished
+    # an iterative method interrupted in its second iteration: the first iteration is kept, the
+    # second one's steps are redone (their checkpoints went with the iteration)
+    events = [{"event": "start", "time": 0.0}, train(5, 1, "iteration 1"), {"event": "iteration_end", "time": 50.0},
+              train(60, 1, "iteration 2"), {"event": "start", "time": 200.0}, train(210, 1, "iteration 2"),
+              {"event": "iteration_end", "time": 240.0}, {"event": "end", "time": 241.0}]
+    assert training_seconds(events) == 50 + 41
