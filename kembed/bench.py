@@ -1941,15 +1941,17 @@ def run_suite(suite: Suite, *, out: Path, results_dir: Path, seeds: int | None =
     if jobs > 1:
         steps = longest_first(steps, seconds, suite.domains)
     log = out / "bench-invocations.jsonl"
-    if plan_only:
-        forecast([s for s in steps if not s.done()], seconds, memory, suite.domains, jobs, console)
-        return None, []
-    if report_only:
+    if plan_only or report_only:
         done = {s.label for s in steps if s.done()}
         # a judge step has no done check (every invocation re-runs it, cheaply, from its cache): it
         # counts as pending while the explanations it judges are
-        pending = [s.label for s in steps if s.label not in done
+        pending = [s for s in steps if s.label not in done
                    and not (": judge " in s.label and all(n in done for n in s.needs))]
+    if plan_only:
+        forecast(pending, seconds, memory, suite.domains, jobs, console)
+        return None, []
+    if report_only:
+        pending = [s.label for s in pending]
         invocations = read_jsonl(log, missing_ok=True)
         return _report(suite, models, out, results_dir, invocations, [], pending, console), []
     out.mkdir(parents=True, exist_ok=True)
