@@ -500,26 +500,36 @@ def step_kind(label: str, domains: list[str]) -> str:
 
 def recorded(results_dir: Path, out: Path, field: str = "seconds") -> dict[str, float]:
     """Step label -> its recorded ``field`` (``seconds``, or ``max_rss_mb``: the peak resident
-    memory of its largest process), of the steps that succeeded in this output folder
-    (``bench-steps.jsonl``), else in the committed report of this suite (``results_dir``), else
-    in the committed reports of the other suites beside it: what :func:`expected` extends to
-    steps not recorded yet. A step that copied a tuning run (:func:`reuse_run`) is left out."""
+    memory of its largest process) in this output folder (``bench-steps.jsonl``), else in the
+    committed report of this suite (``results_dir``), else in the committed reports of the other
+    suites beside it: what :func:`expected` extends to steps not recorded yet. Seconds are those
+    of a step that succeeded (the first found); a peak is the largest of every run of the step
+    in the first source that has one, finished or not (an interrupted or killed step's peak is
+    a lower bound of what it needs). A step that copied a tuning run (:func:`reuse_run`) is
+    left out."""
     found: dict[str, float] = {}
     reports = [results_dir / "results.json",
                *sorted(p for p in results_dir.parent.glob("*/results.json") if p.parent != results_dir)]
     for records in [read_jsonl(out / "bench-steps.jsonl", missing_ok=True),
                     *((earlier_report(p).get("steps") or []) for p in reports)]:
+        here: dict[str, float] = {}
         for r in records:
-            if (isinstance(r, dict) and r.get("returncode") == 0 and isinstance(r.get(field), (int, float))
+            if (isinstance(r, dict) and isinstance(r.get(field), (int, float)) and r[field] > 0
+                    and (r.get("returncode") == 0 or field == "max_rss_mb")
                     and not r.get("copied")):  # a copied tuning run (reuse_run) says nothing of training
-                found.setdefault(str(r.get("step")), float(r[field]))
+                label = str(r.get("step"))
+                here[label] = max(here.get(label, 0.0), float(r[field])) if field == "max_rss_mb" else \
+                    here.get(label, float(r[field]))
+        for label, value in here.items():
+            found.setdefault(label, value)
     return found
 
 
-def expected(steps: list[Step], values: dict[str, float], domains: list[str]) -> dict[str, float]:
+def expected(steps: list[Step], values: dict[str, float], domains: list[str], of_kind=fmean) -> dict[str, float]:
     """Label -> what each step is expected to take (seconds or MiB, :func:`recorded`): 0 for a
     copy of a tuning run (``Step.copies_tuning``), else its own recorded value (``values``, by
-    label), else the mean recorded value of its kind (:func:`step_kind`), else, for a step that
+    label), else ``of_kind`` (the mean; :func:`expected_memory` takes the largest) of the
+    recorded values of its kind (:func:`step_kind`), else, for a step that
     does not train, the mean of the same step of the other models (``eval
     retrieved-context-raft``: scoring costs about the same whatever trained the model; a
     training's cost depends on its method; a retention step, of every retention step, whatever
@@ -535,9 +545,18 @@ def expected(steps: list[Step], values: dict[str, float], domains: list[str]) ->
         same = kinds.get(kind) or (kinds.get(_action(kind)) if _action(kind) != ": train" else None)
         if not same and _action(kind).startswith(": retention "):
             same = [v for k, vs in kinds.items() if k.startswith(": retention ") for v in vs]
-        return fmean(same or [0.0])
+        return of_kind(same or [0.0])
 
     return {s.label: 0.0 if s.copies_tuning else values.get(s.label, guess(s.label)) for s in steps}
+
+
+def expected_memory(steps: list[Step], memory: dict[str, float], domains: list[str]) -> dict[str, float]:
+    """Label -> each step's expected peak resident memory in MiB: :func:`expected` of the
+    recorded peaks (``memory``, :func:`recorded` of ``max_rss_mb``) with the largest of a kind,
+    not its mean, for a step not recorded itself: a peak that does not fit is an
+    out-of-memory kill, not a late finish (medical's RLAG training peaked at 9.4 GB, its
+    current-events trainings' mean was 8.9)."""
+    return expected(steps, memory, domains, of_kind=max)
 
 
 def _action(kind: str) -> str:
@@ -565,12 +584,17 @@ def longest_first(steps: list[Step], seconds: dict[str, float], domains: list[st
 
 
 @functools.cache  # asked at every start decision of execute and simulate; the machine's memory does not change
+def physical_memory_mb() -> float:
+    """This machine's physical memory, in MiB."""
+    import os
+
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**20
+
+
 def memory_limit_mb() -> float:
     """90% of this machine's physical memory, in MiB: what the expected peaks of steps running
     at once may add up to (:func:`execute`)."""
-    import os
-
-    return 0.9 * os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**20
+    return 0.9 * physical_memory_mb()
 
 
 def startable(step: Step, running: list[str], done: set[str], jobs: int, memory_mb: dict[str, float] | None,
@@ -594,7 +618,7 @@ def simulate(steps: list[Step], seconds: dict[str, float], memory: dict[str, flo
     counts as done."""
     import heapq
 
-    took, rss = expected(steps, seconds, domains), expected(steps, memory, domains)
+    took, rss = expected(steps, seconds, domains), expected_memory(steps, memory, domains)
     pending, running, now = list(steps), [], 0.0
     finished = {n for s in steps for n in s.needs} - {s.label for s in steps}
     while pending or running:
@@ -636,8 +660,23 @@ def forecast(steps: list[Step], seconds: dict[str, float], memory: dict[str, flo
     return wall
 
 
+def available_memory_mb() -> float:
+    """The memory available to new work (``MemAvailable`` of /proc/meminfo), in MiB; infinite
+    where there is no /proc/meminfo."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return float("inf")
+
+
+MEMORY_RESERVE = 0.08  # of physical memory: below it available, execute stops the step started last
+
+
 def execute(steps: list[Step], console, log_dir: Path, jobs: int = 1, on_step_end=None,
-            memory_mb: dict[str, float] | None = None) -> list[dict]:
+            memory_mb: dict[str, float] | None = None, available_mb=available_memory_mb) -> list[dict]:
     """Run the steps, skipping those already done and those whose needs failed.
 
     With ``jobs`` = 1 the steps run one after the other in order, their output on the console.
@@ -651,7 +690,11 @@ def execute(steps: list[Step], console, log_dir: Path, jobs: int = 1, on_step_en
 
     A step killed by SIGKILL (on Linux, most often the out-of-memory killer, which may pick it
     for memory that other processes hold) runs once more, alone, once the running steps have
-    ended, instead of failing what needs it.
+    ended, instead of failing what needs it. Before that happens: while several steps run and
+    ``available_mb()`` (MiB) falls below :data:`MEMORY_RESERVE` of the machine's memory (peaks
+    differ between domains: a text-length-bound training may need more than its kind did
+    elsewhere), the step started last is stopped, recorded as interrupted, and queued to run
+    again alone.
 
     ``on_step_end()`` is called after each step that ran. Each step that ran appends
     ``{"step", "returncode", "seconds", "max_rss_mb"}`` (wall time; the peak resident memory of
@@ -718,22 +761,44 @@ def execute(steps: list[Step], console, log_dir: Path, jobs: int = 1, on_step_en
         failures.append({"step": step.label, "returncode": rc})
         console.print(f"[red]failed[/] {step.label} (exit {rc}); going on with the rest")
 
+    def stop(label: str) -> tuple[int, float]:
+        """SIGTERM to a running step (SIGKILL after 30 s); its (exit code, peak RSS in MiB)."""
+        proc, step, log, began, copied = running.pop(label)
+        os.kill(proc.pid, signal.SIGTERM)  # not Popen.terminate: its poll() would reap the step, and its peak with it
+        deadline = time.time() + 30
+        while (result := reap(proc, block=False)) is None and time.time() < deadline:
+            time.sleep(0.1)
+        if result is None:
+            os.kill(proc.pid, signal.SIGKILL)
+            result = reap(proc, block=True)
+        if log is not None:
+            log.close()
+        return result
+
     def stop_running() -> None:
         for proc, *_ in running.values():
-            if proc.poll() is None:
-                proc.terminate()
-        for label, (proc, step, log, began, copied) in list(running.items()):
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-            if log is not None:
-                log.close()
-            console.print(f"[yellow]stopped[/] {label} (exit {proc.returncode}); it runs again next time",
-                          highlight=False)
-            finish(step, proc.returncode, 0.0, time.time() - began, copied, interrupted=True)
-        running.clear()
+            os.kill(proc.pid, signal.SIGTERM)  # all at once; stop() waits for each
+        for label in list(running):
+            step, began, copied = running[label][1], running[label][3], running[label][4]
+            rc, rss_mb = stop(label)
+            console.print(f"[yellow]stopped[/] {label} (exit {rc}); it runs again next time", highlight=False)
+            finish(step, rc, rss_mb, time.time() - began, copied, interrupted=True)
+
+    def preempt_if_memory_short() -> None:
+        """With several steps running and less than :data:`MEMORY_RESERVE` of the machine's
+        memory available, stop the step started last (SIGTERM: a training resumes from its last
+        checkpoint) and queue it to run again alone, before the out-of-memory killer picks
+        one."""
+        if len(running) < 2 or available_mb() >= MEMORY_RESERVE * physical_memory_mb():
+            return
+        label = max(running, key=lambda x: running[x][3])
+        step, began, copied = running[label][1], running[label][3], running[label][4]
+        rc, rss_mb = stop(label)
+        finish(step, rc, rss_mb, time.time() - began, copied, interrupted=True)
+        alone.add(label)
+        pending.insert(0, (number[label], step))
+        console.print(f"[yellow]stopped[/] {label}: memory short ({available_mb():.0f} MiB available); "
+                      "it runs again alone", highlight=False)
 
     def on_sigterm(signum, frame):
         raise KeyboardInterrupt
@@ -784,6 +849,7 @@ def execute(steps: list[Step], console, log_dir: Path, jobs: int = 1, on_step_en
                                   highlight=False)
                     finish(step, *result, seconds=time.time() - began, copied=copied)
             if running:
+                preempt_if_memory_short()
                 time.sleep(1)
             elif pending and len(pending) == before and not ended:  # needs no step provides: those never start
                 stuck = [item for item in pending if any(n not in succeeded for n in item[1].needs)]
@@ -1973,7 +2039,7 @@ def run_suite(suite: Suite, *, out: Path, results_dir: Path, seeds: int | None =
     save(False)
     try:
         failures = execute(steps, console, out, jobs, on_step_end=save,
-                           memory_mb=expected(steps, memory, suite.domains) if jobs > 1 else None)
+                           memory_mb=expected_memory(steps, memory, suite.domains) if jobs > 1 else None)
     except KeyboardInterrupt:  # the running steps have stopped (execute): the record gets the time up to now
         record["interrupted"] = True
         save(False)

@@ -8,7 +8,8 @@ import sys
 import pytest
 from typer.testing import CliRunner
 
-from kembed.bench import Step, execute, load_suite, plan
+from kembed.bench import Step, execute, expected, expected_memory, load_suite, plan
+from kembed.runs import read_jsonl
 from kembed.cli import app
 from kembed.data import load_records
 from kembed.judges import read_judgments
@@ -632,6 +633,45 @@ def test_a_step_killed_by_sigkill_runs_again_alone_once(tmp_path):
     failures = execute([step("d", kill="always"), step("e", kill="never", needs=["d"])], Console(quiet=True),
                        tmp_path, jobs=2)
     assert failures == [{"step": "d", "returncode": -9}, {"step": "e", "blocked_by": "d"}]
+
+
+def test_a_step_started_last_stops_when_memory_runs_short_and_runs_again_alone(tmp_path):
+    """Peaks differ between domains, so the expected peaks may let two steps start that do not
+    fit: when available memory falls below the reserve, the step started last is stopped before
+    the out-of-memory killer picks one, recorded as interrupted with its peak so far, and runs
+    again alone; nothing fails."""
+    from rich.console import Console
+
+    from kembed.bench import recorded
+
+    trace = tmp_path / "trace"
+    code = ("import sys, time; f = open(sys.argv[1], 'a'); f.write(sys.argv[2] + ' start\\n'); f.flush(); "
+            "time.sleep(1.5); f.write(sys.argv[2] + ' end\\n')")
+
+    def step(name):
+        return Step(name, lambda: [sys.executable, "-c", code, str(trace), name])
+
+    short = lambda: 0.0  # noqa: E731  (MiB available: always short)
+    failures = execute([step("a"), step("b")], Console(quiet=True), tmp_path, jobs=2, available_mb=short)
+    lines = trace.read_text().split("\n")
+    assert failures == [] and lines[-3:] == ["b start", "b end", ""] and "a end" in lines[:-3]  # b ran again alone
+    steps = read_jsonl(tmp_path / "bench-steps.jsonl")
+    assert [(r["step"], r["returncode"], r.get("interrupted", False)) for r in steps] == [
+        ("b", -15, True), ("a", 0, False), ("b", 0, False)]
+    assert steps[0]["max_rss_mb"] > 0  # the stopped step's peak so far, not 0
+    # a recorded peak is the largest of every run of the step, finished or not; seconds only of a finish
+    (tmp_path / "bench-steps.jsonl").write_text("\n".join(json.dumps(r) for r in [
+        {"step": "x", "returncode": -15, "seconds": 900, "max_rss_mb": 11000, "interrupted": True},
+        {"step": "x", "returncode": 0, "seconds": 300, "max_rss_mb": 4000},
+        {"step": "y", "returncode": -15, "seconds": 5, "max_rss_mb": 0, "interrupted": True}]) + "\n")
+    assert recorded(tmp_path / "results", tmp_path, "max_rss_mb") == {"x": 11000.0}
+    assert recorded(tmp_path / "results", tmp_path) == {"x": 300.0}
+    # a step with no peak of its own is expected to need the largest of its kind, not the mean
+    domains = ["current-events", "medical"]
+    memory = {"current-events raft (seed 43): train": 11000.0, "current-events raft (seed 44): train": 13000.0}
+    raft = [step("medical raft: train")]
+    assert expected_memory(raft, memory, domains) == {"medical raft: train": 13000.0}
+    assert expected(raft, memory, domains) == {"medical raft: train": 12000.0}
 
 
 def test_methods_keeps_the_base_model_those_methods_and_the_tuning_they_need():
