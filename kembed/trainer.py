@@ -10,6 +10,7 @@ directory. A method supplies examples, a collator and a loss function.
 from __future__ import annotations
 
 import math
+import sys
 import tempfile
 from collections import defaultdict
 from pathlib import Path
@@ -251,6 +252,34 @@ class _RunLogger(TrainerCallback):
             self.step_fn(state.global_step, state.max_steps)
 
 
+def release_freed_memory() -> bool:
+    """Hand the free pages of glibc's heaps back to the OS (``malloc_trim(0)``). On CPU, batches
+    of varying length allocate activations of ever new sizes, which glibc serves from heaps
+    that fragment: without it, the resident memory of a RAFT training on medical grew from 9.3
+    to 16.6 GB over 31 steps, until the out-of-memory killer ended it. :func:`fit` calls it
+    after every optimiser step on CPU; ``python benchmarks/fragmentation.py`` measures it
+    against glibc's default.
+
+    Returns:
+        Whether memory was released (False where the C library is not glibc).
+    """
+    if not sys.platform.startswith("linux"):
+        return False
+    import ctypes
+
+    try:
+        return ctypes.CDLL(None).malloc_trim(0) == 1
+    except (OSError, AttributeError):  # musl and other C libraries have no malloc_trim
+        return False
+
+
+class _ReleaseFreedMemory(TrainerCallback):
+    """Calls :func:`release_freed_memory` after every optimiser step."""
+
+    def on_step_end(self, args, state, control, **kwargs):
+        release_freed_memory()
+
+
 def fit(model, examples: list[dict], collate: Callable[[list[dict]], dict], loss_fn: LossFn,
         cfg: TrainConfig, placement: Placement, *, epochs: float, seed: int,
         checkpoint_dir: Path | None = None,
@@ -278,7 +307,8 @@ def fit(model, examples: list[dict], collate: Callable[[list[dict]], dict], loss
     Kahan-summed AdamW (:func:`optimizer_spec`), its compensation seeded with what the cast
     rounded away (:func:`seed_kahan_compensation`). ``cfg.compile`` compiles the model with
     ``torch.compile`` (inductor, through transformers' ``torch_compile``): the first steps, and
-    any step with a new shape, include the compilation.
+    any step with a new shape, include the compilation. On CPU, freed heap memory goes back to
+    the OS after every step (:func:`release_freed_memory`).
 
     Returns:
         The final ``TrainOutput.metrics`` (train_loss, train_runtime, ...).
@@ -329,7 +359,8 @@ def fit(model, examples: list[dict], collate: Callable[[list[dict]], dict], loss
                                 data_collator=collate, loss_fn=loss_fn,
                                 optimizer_cls_and_kwargs=optimizer_spec(cfg) if cfg.weights == "bf16" else None,
                                 kahan_residuals=residuals,
-                                callbacks=[_RunLogger(on_log, on_step)])
+                                callbacks=[_RunLogger(on_log, on_step),
+                                           *([_ReleaseFreedMemory()] if placement.device == "cpu" else [])])
         # the trainer's default console printer duplicates our own logging
         from transformers.trainer_callback import PrinterCallback, ProgressCallback
 

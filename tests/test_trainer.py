@@ -5,6 +5,8 @@ itself) and its speed options (pure bf16 weights with Kahan-summed AdamW against
 from __future__ import annotations
 
 import math
+import os
+import sys
 
 import pytest
 import torch
@@ -87,6 +89,29 @@ def test_a_non_finite_loss_stops_training_with_a_training_error(tiny_model):
         fit(tiny_model, examples, make_lm_collate(0), loss_at_step_two, TrainConfig(batch_size=1, checkpoints=False),
             Placement("cpu", "fp32"), epochs=1, seed=0, on_log=lambda step, values: logged.append(step))
     assert logged == [1, 2]
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc_trim")
+def test_freed_heap_memory_goes_back_to_the_os_after_every_cpu_step(tiny_model, monkeypatch):
+    """Chunks below glibc's mmap threshold, freed behind one still in use, stay resident until
+    :func:`release_freed_memory`; :func:`fit` calls it after every optimiser step on CPU."""
+    import kembed.trainer as trainer
+
+    def resident_mb():
+        return int(open(f"/proc/{os.getpid()}/statm").read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+    chunks = [bytearray(100_000) for _ in range(2000)]  # 200 MB from the heap
+    last = chunks[-1]  # noqa: F841  (keeps the heap's top in use, so free() cannot shrink it)
+    del chunks
+    before = resident_mb()
+    assert trainer.release_freed_memory() and resident_mb() < before - 100
+
+    calls = []
+    monkeypatch.setattr(trainer, "release_freed_memory", lambda: calls.append(1))
+    examples = [{"input_ids": [5, 6, 7, 8], "loss_mask": [0, 1, 1, 1]}] * 4
+    fit(tiny_model, examples, make_lm_collate(0), lm_loss, TrainConfig(batch_size=1, checkpoints=False),
+        Placement("cpu", "fp32"), epochs=1, seed=0)
+    assert len(calls) == 4
 
 
 def test_a_padded_batch_under_ddp_gets_the_loss_it_gets_alone(tiny_model, tmp_path):
