@@ -517,9 +517,11 @@ def recorded(results_dir: Path, out: Path, field: str = "seconds") -> dict[str, 
             if (isinstance(r, dict) and isinstance(r.get(field), (int, float)) and r[field] > 0
                     and (r.get("returncode") == 0 or field == "max_rss_mb")
                     and not r.get("copied")):  # a copied tuning run (reuse_run) says nothing of training
-                label = str(r.get("step"))
-                here[label] = max(here.get(label, 0.0), float(r[field])) if field == "max_rss_mb" else \
-                    here.get(label, float(r[field]))
+                label, value = str(r.get("step")), float(r[field])
+                if field == "max_rss_mb":
+                    here[label] = max(here.get(label, 0.0), value)
+                else:
+                    here.setdefault(label, value)
         for label, value in here.items():
             found.setdefault(label, value)
     return found
