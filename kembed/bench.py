@@ -763,8 +763,9 @@ def execute(steps: list[Step], console, log_dir: Path, jobs: int = 1, on_step_en
         failures.append({"step": step.label, "returncode": rc})
         console.print(f"[red]failed[/] {step.label} (exit {rc}); going on with the rest")
 
-    def stop(label: str) -> tuple[int, float]:
-        """SIGTERM to a running step (SIGKILL after 30 s); its (exit code, peak RSS in MiB)."""
+    def stop(label: str) -> int:
+        """SIGTERM to a running step (SIGKILL after 30 s), recorded as interrupted with its peak
+        so far; returns its exit code."""
         proc, step, log, began, copied = running.pop(label)
         os.kill(proc.pid, signal.SIGTERM)  # not Popen.terminate: its poll() would reap the step, and its peak with it
         deadline = time.time() + 30
@@ -775,16 +776,15 @@ def execute(steps: list[Step], console, log_dir: Path, jobs: int = 1, on_step_en
             result = reap(proc, block=True)
         if log is not None:
             log.close()
-        return result
+        finish(step, *result, seconds=time.time() - began, copied=copied, interrupted=True)
+        return result[0]
 
     def stop_running() -> None:
         for proc, *_ in running.values():
             os.kill(proc.pid, signal.SIGTERM)  # all at once; stop() waits for each
         for label in list(running):
-            step, began, copied = running[label][1], running[label][3], running[label][4]
-            rc, rss_mb = stop(label)
+            rc = stop(label)
             console.print(f"[yellow]stopped[/] {label} (exit {rc}); it runs again next time", highlight=False)
-            finish(step, rc, rss_mb, time.time() - began, copied, interrupted=True)
 
     def preempt_if_memory_short() -> None:
         """With several steps running and less than :data:`MEMORY_RESERVE` of the machine's
@@ -794,9 +794,8 @@ def execute(steps: list[Step], console, log_dir: Path, jobs: int = 1, on_step_en
         if len(running) < 2 or available_mb() >= MEMORY_RESERVE * physical_memory_mb():
             return
         label = max(running, key=lambda x: running[x][3])
-        step, began, copied = running[label][1], running[label][3], running[label][4]
-        rc, rss_mb = stop(label)
-        finish(step, rc, rss_mb, time.time() - began, copied, interrupted=True)
+        step = running[label][1]
+        stop(label)
         alone.add(label)
         pending.insert(0, (number[label], step))
         console.print(f"[yellow]stopped[/] {label}: memory short ({available_mb():.0f} MiB available); "
