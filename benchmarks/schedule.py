@@ -2,10 +2,10 @@
 
     python benchmarks/schedule.py [quick] [--jobs 2]
 
-Replays the suite's whole plan under :func:`kembed.bench.execute`'s rule (each step starts, in
+Replays the suite's whole plan under :func:`kembed.schedule.execute`'s rule (each step starts, in
 list order, as soon as its needs have finished, a job is free and its expected peak memory fits)
 with every step taking the seconds and memory the committed reports recorded for it
-(:func:`kembed.bench.simulate`). Prints the simulated wall time of the plan's order and of the
+(:func:`kembed.schedule.simulate`). Prints the simulated wall time of the plan's order and of the
 longest-first order ``kembed bench`` uses with several jobs, and their ratio. The recorded times
 carry whatever contention their run had; both orders replay the same times.
 """
@@ -19,7 +19,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from kembed.bench import BENCH_DIR, load_suite, longest_first, plan, recorded, simulate  # noqa: E402
+from kembed.bench import BENCH_DIR, load_suite, plan, recorded  # noqa: E402
+from kembed.schedule import longest_first, simulate  # noqa: E402
 
 
 def main() -> int:

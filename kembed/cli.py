@@ -253,7 +253,7 @@ def compare(paths: list[Path] = typer.Argument(..., help="Evaluation directories
                                                              "(default: runs/compare-<time>)."),
             data_dir: Optional[str] = DataDir):
     """One table over runs: accuracy, paired differences to the first (McNemar), rationality."""
-    from kembed.bench import compare_entries, console_tables, plot as plot_rows, table_cells
+    from kembed.results import compare_entries, console_tables, plot as plot_rows, table_cells
     from kembed.tables import markdown_table
 
     rows, labels = compare_entries(paths)
@@ -330,8 +330,9 @@ def tune(method: str = typer.Argument(..., help="Method name (see `kembed ls`)."
          jobs: int = typer.Option(1, help="Runs trained at once."),
          data_dir: Optional[str] = DataDir):
     """Train a grid around a method's recipe and select on held-out validation questions (never test)."""
-    from kembed.bench import execute, tune_steps
+    from kembed.bench import tune_steps
     from kembed.runs import write_atomic, write_json
+    from kembed.schedule import execute
     from kembed.train import prepare_config
     from kembed.tune import TuneSpec, summary_lines
 

@@ -8,7 +8,8 @@ import sys
 import pytest
 from typer.testing import CliRunner
 
-from kembed.bench import Step, execute, expected, expected_memory, load_suite, plan
+from kembed.bench import load_suite, plan
+from kembed.schedule import Step, execute, expected, expected_memory
 from kembed.runs import read_jsonl
 from kembed.cli import app
 from kembed.data import load_records
@@ -306,7 +307,7 @@ RUNS = {"base": [[False, True, False, False]], "sft": [[True, True, False, False
 def fake_models(out, domain, runs=RUNS):
     """ModelEntry's of one domain with their closed-book evaluation folders in ``out`` (as the
     bench lays them out); a method of several seeds is named ``<method> (seed <s>)``."""
-    from kembed.bench import ModelEntry
+    from kembed.results import ModelEntry
 
     models = []
     for method, seeds in runs.items():
@@ -367,7 +368,7 @@ def summary_from_folders(rows, label):
 def test_seed_summary_and_ranking_from_outcomes_equal_the_folders(data_dir, tmp_path):
     import shutil
 
-    from kembed.bench import collect, method_ranking, seed_summary
+    from kembed.results import collect, method_ranking, seed_summary
     from kembed.errors import KembedError
 
     rows = collect(fake_models(tmp_path / "out", "current-events"))
@@ -468,7 +469,8 @@ def test_a_report_of_one_domain_carries_over_the_domains_reported_before(data_di
 def test_a_domain_too_long_for_one_session_adds_up_model_by_model(data_dir, tmp_path):
     import shutil
 
-    from kembed.bench import Step, earlier_report, finished_models, skip_finished
+    from kembed.bench import earlier_report, finished_models, skip_finished
+    from kembed.schedule import Step
 
     suite, results = two_domain_suite(), tmp_path / "results"
     # session 1 finished base, cpt and sft's first seed; sft's second seed was still training
@@ -550,7 +552,7 @@ def test_a_long_pending_list_is_counted_per_grid_and_domain():
 
 
 def test_longest_first_starts_the_longest_chain_early_and_keeps_needs_before():
-    from kembed.bench import expected, longest_first, step_kind
+    from kembed.schedule import expected, longest_first, step_kind
 
     domains = ["current-events"]
     assert step_kind("current-events rlag (seed 43): train", domains) == "rlag: train"
@@ -675,7 +677,8 @@ def test_a_step_started_last_stops_when_memory_runs_short_and_runs_again_alone(t
 
 
 def test_methods_keeps_the_base_model_those_methods_and_the_tuning_they_need():
-    from kembed.bench import Step, only_methods
+    from kembed.bench import only_methods
+    from kembed.schedule import Step
 
     step = lambda label, needs=(): Step(label, lambda: [], lambda: False, list(needs))  # noqa: E731
     grid = {m: [f"tune current-events {m} (lr x1): train", f"tune current-events {m} (lr x1): eval"] for m in
@@ -768,7 +771,7 @@ def test_step_times_compares_two_reports_on_the_steps_both_ran(tmp_path, capsys,
 
 
 def test_ranking_lines_name_the_decided_pairs_then_the_undecided():
-    from kembed.bench import ranking_lines
+    from kembed.results import ranking_lines
 
     pairs = [{"domain": "d", "a": "cpt", "b": "sft", "diff": 0.103, "ci95": [0.043, 0.16], "decided": True},
              {"domain": "d", "a": "cpt", "b": "rlag", "diff": 0.027, "ci95": [-0.019, 0.074], "decided": False}]

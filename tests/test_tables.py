@@ -6,7 +6,7 @@ import re
 
 from rich.console import Console
 
-from kembed.bench import console_tables
+from kembed.results import console_tables
 from kembed.evaluate import results_markdown, results_table
 from kembed.judges.pairwise import pairwise_table
 from kembed.tables import ConsoleTables, markdown_table

@@ -10,7 +10,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from kembed.bench import ModelEntry, collect, method_ranking, seed_rationality, seed_summary, verdict_table
+from kembed.results import ModelEntry, collect, method_ranking, seed_rationality, seed_summary, verdict_table
 from kembed.data import TAUGHT, UNTAUGHT, answer_knowledge, knowledge_coverage, load_records, training_sample
 from kembed.train import TrainContext
 
@@ -124,7 +124,7 @@ def test_seed_summary_and_taught_split_over_fake_evaluations(tmp_path):
 
 
 def test_method_ranking_lists_every_pair_once():
-    from kembed.bench import outcomes
+    from kembed.results import outcomes
 
     n = 40
     accuracy = {None: 0.2, "low": 0.1, "high": 0.9, "mid": 0.5}  # the first method loses to the next
@@ -204,7 +204,8 @@ def test_the_test_run_that_tuning_already_trained_is_copied_not_trained_again(da
 
     from safetensors.torch import load_file
 
-    from kembed.bench import expected, load_suite, plan
+    from kembed.bench import load_suite, plan
+    from kembed.schedule import expected
 
     suite = tmp_path / "tuned.yaml"
     suite.write_text(json.dumps({
@@ -322,7 +323,7 @@ def test_retention_scores_every_trained_model_on_the_other_domains(data_dir, tin
 
 
 def test_rationality_is_compared_on_questions_both_answered_correctly(tmp_path):
-    from kembed.bench import paired_rationality
+    from kembed.results import paired_rationality
 
     def judged(folder, scores):
         folder.mkdir()

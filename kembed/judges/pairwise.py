@@ -214,7 +214,7 @@ def check_self_judge(generator_models: list[str], judge_model: str, allow: bool)
 def run_pairwise(rows: list[dict], *, judge_model: str | None, judge_url: str | None, served_model: str | None,
                  key_env: str | None, allow_self_judge: bool, data_dir, output: Path) -> list[dict]:
     """``kembed compare ... --judge pairwise``: each run against the reference (the first row of
-    :func:`kembed.bench.compare_entries`), on the first evaluation both have explanations for;
+    :func:`kembed.results.compare_entries`), on the first evaluation both have explanations for;
     each result (:meth:`PairwiseJudge.compare`, from the run's point of view) is written to
     ``output/pairwise-<run>-vs-<reference>.json``.
 
