@@ -72,6 +72,10 @@ class Suite(Strict):
         overrides: method -> ``key=value`` recipe overrides; ``all`` applies to every method.
         seeds: training seeds (default: each recipe's own seed).
         split, eval_limit: the evaluated split and, optionally, its first N questions.
+        eval_sample: score a seeded random N (seed 0) of a domain's split when it has more than
+            N questions, the same N for every model (evaluation folders ``eval-<split>-sample<N>-*``):
+            what keeps a domain with a large split (medical: 1272 test questions, 8 times the
+            others') within a suite's time; a smaller split is scored whole.
         evals: the evaluations of every model.
         explain_max_new_tokens: explanation length budget (tokens).
         judges: judges of the explanations (``grounded``; ``rubric`` needs ``judge_model`` or
@@ -99,6 +103,7 @@ class Suite(Strict):
     seeds: list[int] | None = None
     split: str = "test"
     eval_limit: int | None = Field(None, ge=1)
+    eval_sample: int | None = Field(None, ge=1)
     evals: list[EvalSpec] = [EvalSpec(explain=True)]
     explain_max_new_tokens: int = Field(96, ge=1)
     judges: list[str] = ["grounded"]
@@ -178,7 +183,7 @@ def plan(suite: Suite, out: Path, seeds: int | None = None, data_dir: str | None
             recipe whose model is not the suite's; an override that sets ``domain``. All are
             checked before anything runs or is written.
     """
-    from kembed.data import get_domain
+    from kembed.data import get_domain, load_records
     from kembed.train import prepare_config
 
     kembed = [sys.executable, "-m", "kembed.cli"]
@@ -196,6 +201,7 @@ def plan(suite: Suite, out: Path, seeds: int | None = None, data_dir: str | None
                 argv += ["--index", spec.index, "--top-k", str(spec.top_k)]
             if suite.eval_limit is not None:
                 argv += ["--limit", str(suite.eval_limit)]
+            argv += sample_args(entry.domain)
             label = f"{entry.domain} {entry.name}: eval {spec.label}"
             steps.append(Step(label, lambda a=argv: a, lambda f=folder: (f / "results.json").is_file(), needs))
             if not spec.explain:
@@ -229,6 +235,20 @@ def plan(suite: Suite, out: Path, seeds: int | None = None, data_dir: str | None
                     "--overwrite", *data]
             steps.append(Step(label, lambda a=argv: a, lambda f=folder: (f / "results.json").is_file(), needs))
 
+    sizes: dict[str, int] = {}
+
+    def sample_args(domain: str) -> list[str]:
+        """``--sample N`` when the suite samples and ``domain``'s split has more than N questions."""
+        if suite.eval_sample is None:
+            return []
+        if domain not in sizes:
+            sizes[domain] = len(load_records(domain, suite.split, data_dir))
+        return ["--sample", str(suite.eval_sample), "--sample-seed", "0"] if sizes[domain] > suite.eval_sample else []
+
+    def eval_folders(parent: Path, domain: str) -> dict[str, Path]:
+        split = f"{suite.split}-sample{suite.eval_sample}" if sample_args(domain) else suite.split
+        return {s.label: parent / f"eval-{split}-{s.label}" for s in suite.evals}
+
     def check_domain(name: str) -> None:
         split = get_domain(name, data_dir).splits
         if suite.split not in split:
@@ -252,8 +272,7 @@ def plan(suite: Suite, out: Path, seeds: int | None = None, data_dir: str | None
         for domain in suite.domains + (suite.retention_domains if suite.retention else []):
             check_domain(domain)
         for domain in suite.domains:
-            base = ModelEntry(domain, "base", None, None, suite.model, None,
-                              {s.label: out / domain / "base" / f"eval-{suite.split}-{s.label}" for s in suite.evals})
+            base = ModelEntry(domain, "base", None, None, suite.model, None, eval_folders(out / domain / "base", domain))
             models.append(base)
             add_model_steps(base, [])
             add_retention_steps(base, [])
@@ -284,9 +303,7 @@ def plan(suite: Suite, out: Path, seeds: int | None = None, data_dir: str | None
                                       lambda r=run: _finished(r), needs=selection.needs if selection else [],
                                       copies_tuning=bool(selection) and domain == selection.domain
                                       and selection.copied_by(seeded)))
-                    entry = ModelEntry(domain, name, method, seed, str(run), run,
-                                       {s.label: run / f"eval-{suite.split}-{s.label}" for s in suite.evals},
-                                       selection)
+                    entry = ModelEntry(domain, name, method, seed, str(run), run, eval_folders(run, domain), selection)
                     models.append(entry)
                     add_model_steps(entry, [label])
                     add_retention_steps(entry, [label])
@@ -766,6 +783,14 @@ def _results_json(obj: dict) -> str:
 
 
 
+def _questions_per_domain(rows: list[dict], label: str | None) -> str:
+    """``"; questions per domain: medical 300, ..."``: the n of each domain's base model on the
+    first evaluation (``label``), or ``""`` where no base row is scored."""
+    n = {r["domain"]: r["evals"][label]["n"] for r in rows
+         if r["name"] == "base" and label and (r.get("evals") or {}).get(label)}
+    return "; questions per domain: " + ", ".join(f"{d} {k}" for d, k in n.items()) if n else ""
+
+
 def write_report(suite: Suite, rows: list[dict], failures: list[dict], results_dir: Path, invocations: list[dict],
                  step_times: list[dict] | None = None, pending: list[str] | None = None,
                  tuning: dict[str, dict] | None = None) -> Path:
@@ -819,7 +844,10 @@ def write_report(suite: Suite, rows: list[dict], failures: list[dict], results_d
              f"- date: {meta['date']}; commit: {meta['commit']}; machine: {meta['machine']}",
              f"- accuracy: `{SCORER}` option scoring on the {suite.split} split; 95% CIs bootstrap over questions; "
              "\"vs base\": the paired difference to the base model on the same questions (paired bootstrap 95% CI) "
-             "and McNemar's exact p",
+             "and McNemar's exact p"
+             + (f"; a split with more than {suite.eval_sample} questions is scored on a seeded random "
+                f"{suite.eval_sample} of them, the same for every model" if suite.eval_sample else "")
+             + _questions_per_domain(rows, labels[0] if labels else None),
              "- rationality: the `grounded` judge (no language model) on the explanations of correctly answered "
              "closed-book questions; mean score in [0, 1] over judged explanations; unable-to-explain share with "
              "its Wilson 95% CI",

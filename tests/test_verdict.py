@@ -371,3 +371,29 @@ def test_rationality_over_seeds_pairs_each_seed_with_the_base_model(tmp_path):
     assert line["grounded rationality, vs base both correct"].startswith(f"0.67, {rlag['diff']:+.2f} [")
     assert dict(zip(header, body[2]))["grounded rationality, vs base both correct"] == "-"  # sft: not judged
     assert verdict_table("other", rows, ["closed-book-raw"], summary, [rlag]) == ([], [])
+
+
+def test_a_split_larger_than_eval_sample_is_scored_on_the_same_seeded_sample_for_every_model(data_dir, tiny_model_dir,
+                                                                                             tmp_path):
+    import subprocess
+
+    from kembed.bench import load_suite, plan
+
+    suite = tmp_path / "sampled.yaml"
+    common = {"name": "sampled", "model": str(tiny_model_dir), "domains": ["current-events"], "methods": ["sft"],
+              "overrides": {"all": [f"model={tiny_model_dir}", "limit=4", "validation=2"]}}
+    suite.write_text(json.dumps({**common, "eval_sample": 3}))  # the fixture's test split has 4 questions
+    steps, models = plan(load_suite(str(suite)), tmp_path / "runs", seeds=1)
+    evals = [s for s in steps if ": eval " in s.label]
+    assert evals and all(s.argv()[s.argv().index("--sample"):][:4] == ["--sample", "3", "--sample-seed", "0"]
+                         for s in evals)
+    assert all(f.name.startswith("eval-test-sample3-") for m in models for f in m.evals.values())
+    base = next(s for s in evals if s.label == "current-events base: eval closed-book-raw")
+    subprocess.run(base.argv(), check=True, capture_output=True)
+    assert base.done() and json.loads((models[0].evals["closed-book-raw"] / "results.json").read_text())["n"] == 3
+    # a split no larger than the sample is scored whole, in the folders a suite without it uses
+    suite.write_text(json.dumps({**common, "eval_sample": 4}))
+    steps, models = plan(load_suite(str(suite)), tmp_path / "runs", seeds=1)
+    assert not any("--sample" in s.argv() for s in steps if ": eval " in s.label)
+    assert all(f.name.startswith("eval-test-closed") or f.name.startswith("eval-test-retrieved")
+               for m in models for f in m.evals.values())
