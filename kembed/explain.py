@@ -37,8 +37,11 @@ class ExplanationItem:
         options: the answer options, in order.
         chosen: index of the option the model chose (and explained).
         gold: index of the correct option (equal to ``chosen`` for correctly answered questions).
-        knowledge: the question's knowledge snippets (the reference a judge checks claims against).
+        knowledge: the reference a judge checks claims against: the question's knowledge
+            snippets, or, for a question without any, the documents retrieved for it
+            (:func:`load_explanations` with ``retrieved_top_k``).
         explanation: the model's explanation text.
+        evidence: where ``knowledge`` comes from: ``snippets`` or ``retrieved``.
     """
 
     id: str
@@ -48,6 +51,7 @@ class ExplanationItem:
     gold: int
     knowledge: tuple[str, ...]
     explanation: str
+    evidence: str = "snippets"
 
 
 def explanation_prompt(record: QARecord, chosen: int) -> str:
@@ -158,8 +162,14 @@ def explain_evaluation(folder: Path, *, max_new_tokens: int = DEFAULT_MAX_NEW_TO
     return record
 
 
-def load_explanations(folder: Path, data_dir=None) -> list[ExplanationItem]:
+def load_explanations(folder: Path, data_dir=None, retrieved_top_k: int = 0) -> list[ExplanationItem]:
     """The explanations saved in an evaluation directory, as judge inputs.
+
+    Args:
+        retrieved_top_k: when > 0, a question without knowledge snippets (medical's and
+            astronomy's test splits have none) gets as its ``knowledge`` the ``retrieved_top_k``
+            documents a BM25 search of the domain's index returns for its question
+            (``evidence="retrieved"``): the same documents whichever model explained it.
 
     Raises:
         KembedError: not an evaluation, no explanations in it (run ``kembed explain`` first), or
@@ -180,4 +190,14 @@ def load_explanations(folder: Path, data_dir=None) -> list[ExplanationItem]:
                               f"{summary['domain']}/{summary['split']}")
         items.append(ExplanationItem(s["id"], record.question, record.options, s["predicted"][SCORER],
                                      record.answer_index, record.knowledge, s["explanation"]["text"]))
+    bare = [i for i, item in enumerate(items) if not item.knowledge]
+    if retrieved_top_k > 0 and bare:
+        from dataclasses import replace
+
+        from kembed.retrieval import build_index
+
+        hits = build_index(summary["domain"], "bm25", data_dir).search_many([items[i].question for i in bare],
+                                                                            retrieved_top_k)
+        for i, found in zip(bare, hits):
+            items[i] = replace(items[i], knowledge=tuple(text for _, _, text in found), evidence="retrieved")
     return items

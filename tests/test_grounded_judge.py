@@ -235,3 +235,26 @@ def test_perturbations_score_below_originals(suite, kind):
 @pytest.mark.xfail(reason="known weakness: embedding similarity does not see negation", strict=False)
 def test_negation_scores_below_originals(suite):
     assert suite["auroc"]["negated"] >= 0.85, suite["auroc"]
+
+
+def test_a_question_without_snippets_is_judged_against_the_documents_retrieved_for_it(data_dir, tmp_path):
+    """Medical's and astronomy's test questions carry no snippets: the judge grounds their
+    explanations in the domain's BM25 top documents for the question (the same for every model)."""
+    import json
+
+    from kembed.judges import judge_evaluation, read_judgments
+
+    test = data_dir / "CurrentEvents" / "CurrentEvents_test.json"
+    test.write_text(json.dumps([{**row, "ctx": ""} for row in json.loads(test.read_text())]))
+    from tests.test_bench import write_evaluation
+
+    explanation = "The Eiffel Tower stands in Paris, the French capital, where engineers built the tower."
+    folders = {}
+    for top_k in (3, 0):
+        folders[top_k] = tmp_path / f"eval-{top_k}"
+        write_evaluation(folders[top_k], "base", [True, False, False, False], explanations={0: explanation})
+        judge_evaluation(folders[top_k], GroundedJudge(retrieved_top_k=top_k), data_dir=data_dir)
+    [retrieved], [bare] = (read_judgments(folders[k]) for k in (3, 0))
+    assert retrieved["details"]["evidence"] == "retrieved" and retrieved["score"] > 0
+    assert retrieved["verdict"] != "no_knowledge"
+    assert (bare["verdict"], bare["score"]) == ("no_knowledge", None) and "evidence" not in bare["details"]

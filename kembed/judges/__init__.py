@@ -213,7 +213,7 @@ def judge_evaluation(folder: Path, judge, *, data_dir=None, reparse: bool = Fals
     """
     from kembed.explain import load_explanations
 
-    items = load_explanations(folder, data_dir)
+    items = load_explanations(folder, data_dir, retrieved_top_k=judge.settings.get("retrieved_top_k", 0))
     key = judge_key(judge.name, judge.version, judge.settings)
     done = set() if reparse else {r["id"] for r in read_judgments(folder, key)}
     todo = [item for item in items if item.id not in done]

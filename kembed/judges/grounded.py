@@ -14,9 +14,15 @@ Per explanation, in this order:
    is"; a sentence starting with a lower-case letter; common abbreviations such as "e.g." are
    skipped); ``restatement`` (a share >= ``restatement`` of its content words occur in the
    question or the chosen option).
-2. Records without knowledge snippets: verdict ``no_knowledge``, score None, ``unable=False``
-   (an explanation that fails step 1 keeps verdict ``unable`` and ``unable=True``, but its score
-   is None too). Callers leave score None out of the score's denominator: without snippets there
+2. Records without knowledge snippets (medical's and astronomy's test splits have none): with
+   ``retrieved_top_k`` > 0 (default 3) :func:`kembed.judges.judge_evaluation` hands the judge the
+   top documents a BM25 search of the domain's index returns for the question instead
+   (``details["evidence"] = "retrieved"``), the same documents for every model, and the steps
+   below check the claims against them: a kembed departure (the RLAG paper judges with GPT-4 and
+   no reference), so that rationality is measured on every domain. With ``retrieved_top_k`` 0, or
+   when the search finds nothing: verdict ``no_knowledge``, score None, ``unable=False`` (an
+   explanation that fails step 1 keeps verdict ``unable`` and ``unable=True``, but its score is
+   None too). Callers leave score None out of the score's denominator: without a reference there
    is nothing to ground the claims in, and the unable rate stays measurable.
 3. Claims: the text split into sentences (at ., ! or ? followed by whitespace, and at newlines),
    and sentences into clauses at "because", "therefore", "thus", "since", "so that" and ";".
@@ -116,6 +122,7 @@ DEFAULTS = {
     "reasons_tolerance": 0.2,
     "grounded_at": 0.75,
     "partial_at": 0.25,
+    "retrieved_top_k": 3,
 }
 
 STOP_WORDS = frozenset("""
@@ -269,6 +276,9 @@ class GroundedJudge:
             option by less than this (0.2).
         grounded_at, partial_at: score thresholds of the ``grounded`` (0.75) and ``partial``
             (0.25) verdicts.
+        retrieved_top_k: a question without knowledge snippets is judged against this many
+            documents retrieved for it (3; 0: verdict ``no_knowledge``); read by
+            :func:`kembed.judges.judge_evaluation`, which loads the items.
 
     Raises:
         ValueError: an unknown setting name.
@@ -328,6 +338,8 @@ class GroundedJudge:
         s = self.settings
 
         def make(verdict, score, unable, details):
+            if item.evidence != "snippets":
+                details = {**details, "evidence": item.evidence}
             return Judgment(item.id, self.name, self.version, dict(s), verdict, score, unable, details)
 
         if plan["reason"] is not None:
