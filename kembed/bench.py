@@ -965,6 +965,7 @@ def run_suite(suite: Suite, *, out: Path, results_dir: Path, seeds: int | None =
 
     from rich.console import Console
 
+    from kembed.data import load_records
     from kembed.runs import cpu_model, write_atomic
 
     console = console or Console()
@@ -984,8 +985,13 @@ def run_suite(suite: Suite, *, out: Path, results_dir: Path, seeds: int | None =
     here = {(m.domain, m.name) for m in models if m.run is not None and m.run.exists()}  # resumed in out
     steps = skip_finished(steps, finished_models(earlier_report(results_dir / "results.json"), suite) - here)
     seconds, memory = recorded(results_dir, out), recorded(results_dir, out, "max_rss_mb")
+    try:  # what each evaluation of a domain scores, for the expected times (unscaled without every domain's data)
+        questions = {d: min(n, suite.eval_sample or n)
+                     for d in suite.domains for n in [len(load_records(d, suite.split, data_dir))]}
+    except KembedError:
+        questions = None
     if jobs > 1:
-        steps = longest_first(steps, seconds, suite.domains)
+        steps = longest_first(steps, seconds, suite.domains, questions)
     log = out / "bench-invocations.jsonl"
     if plan_only or report_only:
         done = {s.label for s in steps if s.done()}
@@ -994,7 +1000,7 @@ def run_suite(suite: Suite, *, out: Path, results_dir: Path, seeds: int | None =
         pending = [s for s in steps if s.label not in done
                    and not (": judge " in s.label and all(n in done for n in s.needs))]
     if plan_only:
-        forecast(pending, seconds, memory, suite.domains, jobs, console)
+        forecast(pending, seconds, memory, suite.domains, jobs, console, questions)
         return None, []
     if report_only:
         pending = [s.label for s in pending]

@@ -61,7 +61,8 @@ def domain_of(label: str, domains: list[str]) -> str | None:
     return next((d for d in domains if label.startswith(f"{d} ")), None)
 
 
-def expected(steps: list[Step], values: dict[str, float], domains: list[str], of_kind=fmean) -> dict[str, float]:
+def expected(steps: list[Step], values: dict[str, float], domains: list[str], of_kind=fmean,
+             questions: dict[str, int] | None = None) -> dict[str, float]:
     """Label -> what each step is expected to take (seconds or MiB, :func:`kembed.bench.recorded`): 0 for a
     copy of a tuning run (``Step.copies_tuning``), else its own recorded value (``values``, by
     label), else ``of_kind`` (the mean; :func:`expected_memory` takes the largest) of the
@@ -69,19 +70,32 @@ def expected(steps: list[Step], values: dict[str, float], domains: list[str], of
     does not train, the mean of the same step of the other models (``eval
     retrieved-context-raft``: scoring costs about the same whatever trained the model; a
     training's cost depends on its method; a retention step, of every retention step, whatever
-    domain it scores: a medical model's ``retention current-events`` before any ran), else 0."""
+    domain it scores: a medical model's ``retention current-events`` before any ran), else 0.
+
+    ``questions``: domain -> questions each of its evaluations scores (``eval_sample`` or the
+    whole split). When given, an evaluation (``eval ...``) not recorded itself is expected per
+    question: recorded evaluations count per question of their domain, times the questions of
+    its own (medical's 300 sampled questions took about twice current-events' 162 each); it
+    names every domain of ``domains``."""
+    questions = questions or {}
     kinds: dict[str, list[float]] = {}
+
+    def per_question(label: str) -> float:
+        if not _action(step_kind(label, domains)).startswith(": eval "):
+            return 1.0
+        return questions.get(domain_of(label, domains), 1.0)
+
     for label, value in values.items():
         kind = step_kind(label, domains)
-        kinds.setdefault(kind, []).append(value)
-        kinds.setdefault(_action(kind), []).append(value)
+        kinds.setdefault(kind, []).append(value / per_question(label))
+        kinds.setdefault(_action(kind), []).append(value / per_question(label))
 
     def guess(label: str) -> float:
         kind = step_kind(label, domains)
         same = kinds.get(kind) or (kinds.get(_action(kind)) if _action(kind) != ": train" else None)
         if not same and _action(kind).startswith(": retention "):
             same = [v for k, vs in kinds.items() if k.startswith(": retention ") for v in vs]
-        return of_kind(same or [0.0])
+        return of_kind(same or [0.0]) * per_question(label)
 
     return {s.label: 0.0 if s.copies_tuning else values.get(s.label, guess(s.label)) for s in steps}
 
@@ -101,13 +115,14 @@ def _action(kind: str) -> str:
     return ": " + kind.split(": ", 1)[-1]
 
 
-def longest_first(steps: list[Step], seconds: dict[str, float], domains: list[str]) -> list[Step]:
+def longest_first(steps: list[Step], seconds: dict[str, float], domains: list[str],
+                  questions: dict[str, int] | None = None) -> list[Step]:
     """``steps`` ordered for :func:`execute` with several jobs: by the expected seconds of the
     longest chain each step starts (itself and what needs it, transitively), longest first,
     plan order among equals, so that the longest training starts early instead of running alone
     at the end. ``seconds``: recorded step times by label (:func:`kembed.bench.recorded`, :func:`expected`).
-    Needs keep their order: a step waits for them whatever its place."""
-    took = expected(steps, seconds, domains)
+    Needs keep their order: a step waits for them whatever its place. ``questions``: see :func:`expected`."""
+    took = expected(steps, seconds, domains, questions=questions)
     dependents: dict[str, list[str]] = {}
     for step in steps:
         for need in step.needs:
@@ -147,14 +162,14 @@ def startable(step: Step, running: list[str], done: set[str], jobs: int, memory_
 
 
 def simulate(steps: list[Step], seconds: dict[str, float], memory: dict[str, float], domains: list[str],
-             jobs: int) -> float:
+             jobs: int, questions: dict[str, int] | None = None) -> float:
     """Seconds until every step has finished when :func:`execute` runs ``steps`` in list order
     with ``jobs`` jobs and each takes its expected time and memory (:func:`expected` of the
     recorded ``seconds`` and ``memory``, :func:`kembed.bench.recorded`). A need that is not among ``steps``
-    counts as done."""
+    counts as done. ``questions``: see :func:`expected`."""
     import heapq
 
-    took, rss = expected(steps, seconds, domains), expected_memory(steps, memory, domains)
+    took, rss = expected(steps, seconds, domains, questions=questions), expected_memory(steps, memory, domains)
     pending, running, now = list(steps), [], 0.0
     finished = {n for s in steps for n in s.needs} - {s.label for s in steps}
     while pending or running:
@@ -170,13 +185,14 @@ def simulate(steps: list[Step], seconds: dict[str, float], memory: dict[str, flo
 
 
 def forecast(steps: list[Step], seconds: dict[str, float], memory: dict[str, float], domains: list[str],
-             jobs: int, console) -> float:
+             jobs: int, console, questions: dict[str, int] | None = None) -> float:
     """Print what ``steps`` are expected to cost (``kembed bench --plan``): per tuning grid and
     domain the steps, their expected minutes and how many have no recorded time of their kind,
-    then the wall time :func:`simulate` gives with ``jobs``. Returns that wall time in seconds."""
+    then the wall time :func:`simulate` gives with ``jobs``. Returns that wall time in seconds.
+    ``questions``: see :func:`expected`."""
     from rich.table import Table
 
-    took = expected(steps, seconds, domains)
+    took = expected(steps, seconds, domains, questions=questions)
     table = Table("steps of", "steps", "expected min", "no recorded time")
     copies = {s.label for s in steps if s.copies_tuning}  # these take no time, recorded or not
     groups: dict[str, list[str]] = {}
@@ -185,12 +201,13 @@ def forecast(steps: list[Step], seconds: dict[str, float], memory: dict[str, flo
     for group, labels in groups.items():
         table.add_row(group, str(len(labels)), f"{sum(took[x] for x in labels) / 60:.0f}",
                       str(sum(x not in seconds and took[x] == 0 and x not in copies for x in labels)))
-    wall = simulate(steps, seconds, memory, domains, jobs)
+    wall = simulate(steps, seconds, memory, domains, jobs, questions)
     console.print(table)
     console.print(f"{len(steps)} step(s) to run, {sum(took.values()) / 60:.0f} min of expected step time: about "
                   f"{wall / 60:.0f} min of wall time with --jobs {jobs}. Expected from the step times the committed "
                   "reports and this output folder recorded (of the same step, else the mean of its kind, else, "
-                  "but for a training, of the same step of the other models, else 0; "
+                  "but for a training, of the same step of the other models, else 0; an evaluation per question "
+                  "scored, times its domain's questions; "
                   f"{len(copies)} test run(s) that copy their selected tuning run, 0); "
                   "they hold for the machine kind that recorded them.", highlight=False)
     return wall

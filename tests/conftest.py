@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from kembed.records import QARecord
@@ -99,7 +101,6 @@ def tiny_model_dir(tmp_path_factory, tiny_tokenizer):
 def write_upstream_dir(root, n_train: int = 6, n_dev: int = 3, n_test: int = 4):
     """A data directory laid out like the upstream RLAG ``data/`` folder, with a small made-up
     CurrentEvents domain in the upstream JSON schema."""
-    import json
     from pathlib import Path
 
     folder = Path(root) / "CurrentEvents"
@@ -140,3 +141,31 @@ def interrupt_training_at(monkeypatch, call: int):
 
     monkeypatch.setattr(MethodTrainer, "compute_loss", interrupting)
     return lambda: monkeypatch.setattr(MethodTrainer, "compute_loss", real)
+
+
+def write_evaluation(folder, model, correct, explanations=None, mode="closed-book", knowledge=None):
+    """An evaluation directory as `kembed eval` writes it, for the toy test split: record i is
+    answered correctly when ``correct[i]``; ``explanations``: record index -> text saved with it;
+    ``knowledge``: record i's knowledge class (as `kembed eval` marks a trained run's samples)."""
+    folder.mkdir(parents=True)
+    from kembed.data import load_records
+
+    records = load_records("current-events", "test")
+    samples = []
+    for i, (record, ok) in enumerate(zip(records, correct)):
+        predicted = record.answer_index if ok else (record.answer_index + 1) % len(record.options)
+        sample = {"id": record.id, "gold": record.answer_index, "predicted": {"token_mean": predicted},
+                  "correct": {"token_mean": bool(ok)}}
+        if knowledge:
+            sample["knowledge"] = knowledge[i]
+        if explanations and i in explanations:
+            sample["explanation"] = {"prompt": "p", "text": explanations[i]}
+        samples.append(sample)
+    (folder / "samples.jsonl").write_text("".join(json.dumps(s) + "\n" for s in samples))
+    summary = {"domain": "current-events", "split": "test", "model": str(model), "mode": mode, "format": "raw",
+               "n": len(samples), "accuracy": {"token_mean": sum(correct) / len(correct)},
+               "ci95": {"token_mean": [0.0, 1.0]}}
+    if explanations is not None:
+        summary["explanations"] = {"model": str(model), "n": len(explanations)}
+    (folder / "results.json").write_text(json.dumps(summary))
+    return records

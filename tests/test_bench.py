@@ -15,37 +15,13 @@ from kembed.cli import app
 from kembed.data import load_records
 from kembed.judges import read_judgments
 
+from conftest import write_evaluation
+
 runner = CliRunner()
 
 
 def invoke(*args):
     return runner.invoke(app, [str(a) for a in args], catch_exceptions=False)
-
-
-def write_evaluation(folder, model, correct, explanations=None, mode="closed-book", knowledge=None):
-    """An evaluation directory as `kembed eval` writes it, for the toy test split: record i is
-    answered correctly when ``correct[i]``; ``explanations``: record index -> text saved with it;
-    ``knowledge``: record i's knowledge class (as `kembed eval` marks a trained run's samples)."""
-    folder.mkdir(parents=True)
-    records = load_records("current-events", "test")
-    samples = []
-    for i, (record, ok) in enumerate(zip(records, correct)):
-        predicted = record.answer_index if ok else (record.answer_index + 1) % len(record.options)
-        sample = {"id": record.id, "gold": record.answer_index, "predicted": {"token_mean": predicted},
-                  "correct": {"token_mean": bool(ok)}}
-        if knowledge:
-            sample["knowledge"] = knowledge[i]
-        if explanations and i in explanations:
-            sample["explanation"] = {"prompt": "p", "text": explanations[i]}
-        samples.append(sample)
-    (folder / "samples.jsonl").write_text("".join(json.dumps(s) + "\n" for s in samples))
-    summary = {"domain": "current-events", "split": "test", "model": str(model), "mode": mode, "format": "raw",
-               "n": len(samples), "accuracy": {"token_mean": sum(correct) / len(correct)},
-               "ci95": {"token_mean": [0.0, 1.0]}}
-    if explanations is not None:
-        summary["explanations"] = {"model": str(model), "n": len(explanations)}
-    (folder / "results.json").write_text(json.dumps(summary))
-    return records
 
 
 def test_explain_then_judge_resumes_and_appends(data_dir, tiny_model_dir, tmp_path):
@@ -109,6 +85,25 @@ def test_compare_pairwise_over_a_local_endpoint(data_dir, tmp_path, monkeypatch)
         assert len(server.requests) == 4  # two shared questions, both orders
     saved = json.loads(next((tmp_path / "pw").glob("pairwise-*.json")).read_text())
     assert saved["stats"]["losses"] == 2 and saved["stats"]["wins"] == 0 and saved["order_flip_rate"] == 0.0
+
+
+def test_pairwise_shows_a_question_without_snippets_its_retrieved_documents(data_dir, tmp_path, monkeypatch):
+    """Medical's and astronomy's test questions carry no snippets: the pairwise judge's reference
+    knowledge is then the domain's BM25 top documents for the question, as the grounded judge's."""
+    from judge_server import JudgeServer
+
+    monkeypatch.setenv("KEMBED_CACHE_DIR", str(tmp_path / "cache"))
+    test = data_dir / "CurrentEvents" / "CurrentEvents_test.json"
+    test.write_text(json.dumps([{**row, "ctx": ""} for row in json.loads(test.read_text())]))
+    a, b = tmp_path / "a", tmp_path / "b"
+    write_evaluation(a, "model-a", [True, False, False, False], GOOD)
+    write_evaluation(b, "model-b", [True, False, False, False], {0: "Paris."})
+    with JudgeServer(default=lambda prompt: json.dumps({"better": "tie"})) as server:
+        result = invoke("compare", a, b, "--judge", "pairwise", "--judge-url", server.url, "--judge-name", "gpt-test",
+                        "--output", tmp_path / "pw")
+        assert result.exit_code == 0, result.output
+        prompts = [json.dumps(r["body"]) for r in server.requests]
+    assert len(prompts) == 2 and all("- The Eiffel Tower is in Paris." in p and "(none)" not in p for p in prompts)
 
 
 def test_judge_rubric_over_a_local_endpoint(data_dir, tmp_path, monkeypatch):
@@ -587,6 +582,26 @@ def test_longest_first_starts_the_longest_chain_early_and_keeps_needs_before():
     seconds |= {"current-events rlag (seed 42): retention legal": 60, "current-events base: retention medical": 40}
     medical = [step("medical rlag: retention current-events")]
     assert expected(medical, seconds, ["current-events", "medical"]) == {"medical rlag: retention current-events": 50.0}
+
+
+def test_an_evaluation_of_a_domain_not_yet_scored_is_expected_per_question():
+    """Medical's evaluations score 300 questions, current-events' 162: an evaluation not recorded
+    itself is expected at the recorded time per question, times its own domain's questions."""
+    domains = ["current-events", "medical"]
+    seconds = {"current-events rlag: eval a": 200, "current-events base: eval a": 100,
+               "current-events rlag: train": 1000, "medical rlag: eval a": 900}
+    steps = [Step(label, lambda: ["true"]) for label in
+             ("medical base: eval a", "medical rlag: eval a", "medical sft: eval a", "medical rlag: train",
+              "current-events sft: eval a")]
+    questions = {"current-events": 100, "medical": 300}
+    assert expected(steps, seconds, domains, questions=questions) == {
+        "medical base: eval a": 300.0,  # base's own kind, 1 s per question
+        "medical rlag: eval a": 900,  # recorded itself
+        # other models' eval a: (2 + 1 + 3) / 3 s per question
+        "medical sft: eval a": 600.0, "current-events sft: eval a": 200.0,
+        "medical rlag: train": 1000}  # a training is not scaled
+    unscaled = expected(steps, seconds, domains)
+    assert unscaled["medical base: eval a"] == 100 and unscaled["medical sft: eval a"] == 400
 
 
 def test_a_step_waits_while_its_expected_memory_would_not_fit_beside_the_running_one(tmp_path):

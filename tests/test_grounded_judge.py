@@ -246,7 +246,7 @@ def test_a_question_without_snippets_is_judged_against_the_documents_retrieved_f
 
     test = data_dir / "CurrentEvents" / "CurrentEvents_test.json"
     test.write_text(json.dumps([{**row, "ctx": ""} for row in json.loads(test.read_text())]))
-    from tests.test_bench import write_evaluation
+    from conftest import write_evaluation
 
     explanation = "The Eiffel Tower stands in Paris, the French capital, where engineers built the tower."
     folders = {}

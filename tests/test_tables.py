@@ -74,7 +74,8 @@ def test_compare_table_fits_80_columns():
 
 def test_compare_through_the_cli_at_80_columns(data_dir, tmp_path, monkeypatch):
     import kembed.cli
-    from test_bench import GOOD, invoke, write_evaluation
+    from conftest import write_evaluation
+    from test_bench import GOOD, invoke
 
     for name, correct, explained in (("base", [False, True, False, False], {1: GOOD[1]}), ("rlag", [True] * 4, GOOD)):
         write_evaluation(tmp_path / name / "eval-test-closed-book-raw", name, correct, explained)

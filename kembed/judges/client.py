@@ -247,13 +247,17 @@ class LanguageModelJudge:
     Args:
         client: the judge's language model.
         max_attempts: tries per prompt (an unparsable answer is asked again).
+        retrieved_top_k: a question without knowledge snippets (medical's and astronomy's test
+            splits) is shown this many BM25 documents of its domain as its reference knowledge, as
+            the grounded judge does (its ``retrieved_top_k``, the same documents); 0 shows "(none)".
     """
 
     name = version = template_version = ""
 
-    def __init__(self, client: JudgeClient, *, max_attempts: int = 2):
+    def __init__(self, client: JudgeClient, *, max_attempts: int = 2, retrieved_top_k: int = 3):
         self.client, self.max_attempts = client, max_attempts
-        self.settings = {"client": client.describe(), "template_version": self.template_version}
+        self.settings = {"client": client.describe(), "template_version": self.template_version,
+                         "retrieved_top_k": retrieved_top_k}
 
     def ask(self, prompts: list[str], parse: Callable[[str], object | None], progress=None):
         """:func:`ask` with this judge's client, tries, name and template version."""

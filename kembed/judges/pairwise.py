@@ -243,8 +243,9 @@ def run_pairwise(rows: list[dict], *, judge_model: str | None, judge_url: str | 
         if label is None:
             raise KembedError(f"{row['name']} and {reference['name']}: no evaluation with explanations in both "
                               "(run `kembed explain EVAL_DIR`)")
-        result = judge.compare(load_explanations(Path(row["evals"][label]["folder"]), data_dir),
-                               load_explanations(Path(reference["evals"][label]["folder"]), data_dir))
+        top_k = judge.settings["retrieved_top_k"]
+        result = judge.compare(load_explanations(Path(row["evals"][label]["folder"]), data_dir, top_k),
+                               load_explanations(Path(reference["evals"][label]["folder"]), data_dir, top_k))
         result = {"run": row["name"], "reference": reference["name"], "evaluation": label, **result}
         write_json(Path(output) / f"pairwise-{_slug(row['name'])}-vs-{_slug(reference['name'])}.json", result)
         results.append(result)
