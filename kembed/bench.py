@@ -145,8 +145,6 @@ def config_hash(resolved: dict) -> str:
     return hashlib.sha256(json.dumps(canonical, sort_keys=True).encode()).hexdigest()[:8]
 
 
-
-
 def _finished(run: Path) -> bool:
     metrics = run / "metrics.jsonl"
     return metrics.is_file() and '"event": "end"' in metrics.read_text()
@@ -159,8 +157,6 @@ def _explained(folder: Path) -> bool:
         return False
     rows = read_jsonl(samples)
     return all("explanation" in r for r in rows if r["correct"][SCORER])
-
-
 
 
 def plan(suite: Suite, out: Path, seeds: int | None = None, data_dir: str | None = None,
@@ -429,8 +425,6 @@ def tune_steps(method: str, recipe: str | None, overrides: list[str], spec: Tune
     return steps, selection
 
 
-
-
 def reuse_run(source: str, target: str) -> None:
     """Make ``target`` a copy of the finished run ``source`` and record where it came from in
     ``target/reused-from.json``. Weight files (``*.safetensors``, ``*.bin``) are hard-linked
@@ -479,8 +473,6 @@ def tuning_section(models: list[ModelEntry]) -> dict[str, dict]:
     return out
 
 
-
-
 def recorded(results_dir: Path, out: Path, field: str = "seconds") -> dict[str, float]:
     """Step label -> its recorded ``field`` (``seconds``, or ``max_rss_mb``: the peak resident
     memory of its largest process) in this output folder (``bench-steps.jsonl``), else in the
@@ -508,14 +500,6 @@ def recorded(results_dir: Path, out: Path, field: str = "seconds") -> dict[str, 
         for label, value in here.items():
             found.setdefault(label, value)
     return found
-
-
-
-
-
-
-
-
 
 
 STEP_KINDS = {"train": "training", "eval": "scoring", "explain": "generation", "judge": "judging",
@@ -581,10 +565,6 @@ def pending_summary(pending: list[str], domains: list[str], most: int = 12) -> s
         groups.setdefault(group_of(label, domains), []).append(label.split(": ")[0])
     return "; ".join(f"{g}: {len(labels)} step(s) of {len(set(labels))} "
                      f"{'configuration' if g == 'tuning' else 'model'}(s)" for g, labels in groups.items())
-
-
-
-
 
 
 def carry_over(suite: Suite, earlier: Path, rows: list[dict], invocations: list[dict], step_times: list[dict],
@@ -777,10 +757,6 @@ def _results_json(obj: dict) -> str:
 
     text = json.dumps(walk(obj), indent=2, ensure_ascii=False)
     return re.sub(r'"\\u0000outcomes-(\d+)\\u0000"', lambda m: blocks[int(m.group(1))], text) + "\n"
-
-
-
-
 
 
 def _questions_per_domain(rows: list[dict], label: str | None) -> str:
