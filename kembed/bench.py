@@ -670,6 +670,19 @@ def finished_models(report: dict, suite: Suite) -> set[tuple[str, str]]:
     return out
 
 
+def only_domains(steps: list[Step], domains: list[str]) -> list[Step]:
+    """``steps`` of ``domains`` (``kembed bench --domains``), the tuning steps, and the base
+    model's retention samples that those domains' models are compared against: the base model
+    scores each retention domain once, under the first domain's base (:func:`plan`, e.g.
+    ``current-events base: retention legal``), so a domain run alone in a fresh output folder
+    would otherwise find no base score to subtract. In their order."""
+    def wanted(label: str) -> bool:
+        scored = label.partition(" base: retention ")[2]
+        return (label.startswith("tune ") or any(label.startswith(f"{d} ") for d in domains)
+                or (bool(scored) and any(d != scored for d in domains)))
+    return [s for s in steps if wanted(s.label)]
+
+
 def only_methods(steps: list[Step], methods: list[str], domains: list[str]) -> list[Step]:
     """``steps`` of the base model and of ``methods`` (``kembed bench --methods``), with every
     step they need, transitively (their tuning grids), in their order."""
@@ -951,7 +964,7 @@ def run_suite(suite: Suite, *, out: Path, results_dir: Path, seeds: int | None =
         if unknown:
             raise ConfigError(f"suite {suite.name}: --domains {', '.join(unknown)} not in its domains "
                               f"({', '.join(suite.domains)})")
-        steps = [s for s in steps if s.label.startswith("tune ") or any(s.label.startswith(f"{d} ") for d in domains)]
+        steps = only_domains(steps, domains)
     if methods:
         unknown = [m for m in methods if m not in suite.methods]
         if unknown:

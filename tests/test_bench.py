@@ -713,6 +713,26 @@ def test_methods_keeps_the_base_model_those_methods_and_the_tuning_they_need():
         "current-events base: eval closed-book-raw", "legal base: retention medical"]
 
 
+def test_one_domain_keeps_the_base_retention_samples_its_models_are_compared_against():
+    """The base model's retention samples run under the first domain's base; --domains legal in a
+    fresh output folder still needs its scores on current-events, medical and astronomy."""
+    from kembed.bench import only_domains
+    from kembed.schedule import Step
+
+    labels = ["tune current-events sft (lr x1): train", "current-events base: eval closed-book-raw",
+              "current-events base: retention medical", "current-events base: retention legal",
+              "current-events base: retention astronomy", "current-events sft: retention legal",
+              "medical base: retention current-events", "legal base: eval closed-book-raw",
+              "legal sft: retention medical"]
+    steps = [Step(label, lambda: [], lambda: False, []) for label in labels]
+    assert [s.label for s in only_domains(steps, ["legal"])] == [
+        "tune current-events sft (lr x1): train", "current-events base: retention medical",
+        "current-events base: retention astronomy", "medical base: retention current-events",
+        "legal base: eval closed-book-raw", "legal sft: retention medical"]
+    # two domains: each one's base sample is needed by the other's models
+    assert "current-events base: retention legal" in [s.label for s in only_domains(steps, ["legal", "medical"])]
+
+
 @pytest.mark.parametrize("jobs", [1, 2])
 def test_sigterm_stops_the_running_steps_and_records_them(tmp_path, jobs):
     """SIGTERM to the bench (how a background bench is stopped) ends its running steps instead of
