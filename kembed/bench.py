@@ -683,6 +683,17 @@ def only_domains(steps: list[Step], domains: list[str]) -> list[Step]:
     return [s for s in steps if wanted(s.label)]
 
 
+def in_domain_order(steps: list[Step], domains: list[str], suite_domains: list[str]) -> list[Step]:
+    """``steps`` with each listed domain's steps before the next one's (``kembed bench --domains
+    legal,astronomy``; a stable sort, so the order within a domain stays). With several jobs a
+    slot that the first domain leaves free (its next step waits for a training or for memory)
+    takes a later domain's step, so the domains finish in the order listed: what a bench that
+    cannot finish in one session needs for whole models to carry over. Steps of no listed domain
+    (tuning, the base model's retention samples, which those domains' models need) come first."""
+    rank = {d: i for i, d in enumerate(domains)}
+    return sorted(steps, key=lambda s: rank.get(domain_of(s.label, suite_domains) or "", -1))
+
+
 def only_methods(steps: list[Step], methods: list[str], domains: list[str]) -> list[Step]:
     """``steps`` of the base model and of ``methods`` (``kembed bench --methods``), with every
     step they need, transitively (their tuning grids), in their order."""
@@ -981,6 +992,8 @@ def run_suite(suite: Suite, *, out: Path, results_dir: Path, seeds: int | None =
         questions = None
     if jobs > 1:
         steps = longest_first(steps, seconds, suite.domains, questions)
+    if domains:
+        steps = in_domain_order(steps, domains, suite.domains)
     log = out / "bench-invocations.jsonl"
     if plan_only or report_only:
         done = {s.label for s in steps if s.done()}

@@ -283,8 +283,8 @@ def bench(suite: str = typer.Argument("quick", help="Suite name (benchmarks/<nam
           results_dir: Optional[Path] = typer.Option(None, "--results", help="Tables and plots (default: benchmarks/results/<suite>)."),
           seeds: Optional[int] = typer.Option(None, help="Train K seeds per method (default: the suite's)."),
           jobs: int = typer.Option(1, help="Steps run at once (each with CPU cores / jobs threads; logs in OUT/logs)."),
-          domains: Optional[str] = typer.Option(None, help="Run only these of the suite's domains (comma-separated); "
-                                                           "the report merges every domain run so far."),
+          domains: Optional[str] = typer.Option(None, help="Run only these of the suite's domains (comma-separated), "
+                                                           "in this order; the report merges every domain run so far."),
           methods: Optional[str] = typer.Option(None, help="Run only the base model's and these methods' steps "
                                                            "(comma-separated), with the tuning they need."),
           report_only: bool = typer.Option(False, "--report-only", help="Run nothing: write the report from what "

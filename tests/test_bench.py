@@ -733,6 +733,24 @@ def test_one_domain_keeps_the_base_retention_samples_its_models_are_compared_aga
     assert "current-events base: retention legal" in [s.label for s in only_domains(steps, ["legal", "medical"])]
 
 
+def test_domains_run_in_the_order_listed():
+    """--domains legal,astronomy: legal's steps first (so its models finish first), astronomy's after,
+    each domain's steps in the order they had; what no listed domain owns comes before both."""
+    from kembed.bench import in_domain_order
+    from kembed.schedule import Step
+
+    suite_domains = ["current-events", "medical", "legal", "astronomy"]
+    labels = ["astronomy rlag: train", "legal raft: train", "astronomy base: eval closed-book-raw",
+              "current-events base: retention astronomy", "legal raft: eval closed-book-raw",
+              "tune current-events sft (lr x1): train"]
+    steps = [Step(label, lambda: [], lambda: False, []) for label in labels]
+    assert [s.label for s in in_domain_order(steps, ["legal", "astronomy"], suite_domains)] == [
+        "current-events base: retention astronomy", "tune current-events sft (lr x1): train",
+        "legal raft: train", "legal raft: eval closed-book-raw",
+        "astronomy rlag: train", "astronomy base: eval closed-book-raw"]
+    assert [s.label for s in in_domain_order(steps, ["astronomy", "legal"], suite_domains)][2] == "astronomy rlag: train"
+
+
 @pytest.mark.parametrize("jobs", [1, 2])
 def test_sigterm_stops_the_running_steps_and_records_them(tmp_path, jobs):
     """SIGTERM to the bench (how a background bench is stopped) ends its running steps instead of
