@@ -576,16 +576,16 @@ def carry_over(suite: Suite, earlier: Path, rows: list[dict], invocations: list[
     A domain of the suite with no row in ``rows`` but rows in ``earlier`` is carried over: its
     rows, each marked ``carried_from: {"commit", "date"}`` (of the earlier report, or the mark it
     already had), its step records (``bench-steps.jsonl`` records, when this output folder has
-    none of that domain), failures and pending steps. A domain with rows in both keeps this
-    folder's rows, plus the earlier rows of finished trained models (:func:`finished_models`)
-    that this folder lacks and this plan has (``planned``: ``(domain, name)``; the models
-    :func:`run_suite` did not train again), with their step records: a domain too long for one
-    session adds up model by model. When anything is carried over, the earlier report's
-    invocations that this folder's log lacks (by ``started``) are kept, each with its ``commit``
-    (the earlier report's when it has none), and so are its tuning step records when no
-    invocation is shared (another output folder), or when they were carried over already; when
-    nothing is, the earlier report is superseded and none of it counts. Carried rows are read
-    as they are: their folders are never opened.
+    none of that domain), failures and pending steps (in place of this plan's steps of it). A
+    domain with rows in both keeps this folder's rows, plus the earlier rows of finished trained
+    models (:func:`finished_models`) that this folder lacks and this plan has (``planned``:
+    ``(domain, name)``; the models :func:`run_suite` did not train again), with their step
+    records: a domain too long for one session adds up model by model. When anything is carried
+    over, the earlier report's invocations that this folder's log lacks (by ``started``) are kept,
+    each with its ``commit`` (the earlier report's when it has none), and so are its tuning step
+    records when no invocation is shared (another output folder), or when they were carried over
+    already; when nothing is, the earlier report is superseded and none of it counts. Carried rows
+    are read as they are: their folders are never opened.
 
     Returns:
         ``{"rows", "invocations", "steps", "failures", "pending", "domains": {domain: carried_from},
@@ -642,8 +642,11 @@ def carry_over(suite: Suite, earlier: Path, rows: list[dict], invocations: list[
     merged["failures"] = [*failures, *({**f, "carried_from": f.get("carried_from") or stamp}
                                        for f in old.get("failures") or []
                                        if domain_of(str(f.get("step", "")), suite.domains) in domains)]
+    # a carried domain's pending steps are those of the report it comes from: this plan lists
+    # its base model's evaluations too (the base is evaluated afresh), which its rows already hold
+    here = [p for p in pending or [] if domain_of(p, suite.domains) not in domains]
     waiting = [p for p in old.get("pending") or [] if domain_of(p, suite.domains) in domains]
-    merged["pending"] = [*(pending or []), *waiting] if waiting else pending
+    merged["pending"] = list(dict.fromkeys([*here, *waiting])) if pending is not None or waiting else None
     return merged
 
 

@@ -461,6 +461,23 @@ def test_a_report_of_one_domain_carries_over_the_domains_reported_before(data_di
     assert "sft (tuning)" in {r["model"] for r in third["time_breakdown"]}  # carried again, not lost
 
 
+def test_a_carried_domain_is_pending_what_its_report_left_pending(tmp_path):
+    """A report of current-events alone in a fresh folder plans legal's base evaluations too (the
+    base model is evaluated afresh); legal's rows come from the earlier report, so its pending
+    steps are that report's, listed once."""
+    from kembed.bench import carry_over
+
+    earlier = tmp_path / "results.json"
+    earlier.write_text(json.dumps({"suite": "mini", "commit": "c1", "date": "2026-01-01",
+                                   "rows": [{"domain": "legal", "name": "base", "evals": {}}],
+                                   "pending": ["legal sft: train", "legal sft: train"]}))
+    rows = [{"domain": "current-events", "name": "base", "evals": {}}]
+    merged = carry_over(two_domain_suite(), earlier, rows, [], [], [],
+                        ["current-events sft: train", "legal base: eval closed-book-raw", "legal sft: train"])
+    assert merged["pending"] == ["current-events sft: train", "legal sft: train"]
+    assert carry_over(two_domain_suite(), earlier, rows, [], [], [], None)["pending"] == ["legal sft: train"]
+
+
 def test_a_domain_too_long_for_one_session_adds_up_model_by_model(data_dir, tmp_path):
     import shutil
 
