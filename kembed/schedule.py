@@ -247,7 +247,8 @@ def execute(steps: list[Step], console, log_dir: Path, jobs: int = 1, on_step_en
     ``available_mb()`` (MiB) falls below :data:`MEMORY_RESERVE` of the machine's memory (peaks
     differ between domains: a text-length-bound training may need more than its kind did
     elsewhere), the step started last is stopped, recorded as interrupted, and queued to run
-    again alone.
+    again alone. A step queued to run alone takes the next slots: once its needs are met,
+    nothing else starts until the running steps have ended and it has started.
 
     ``on_step_end()`` is called after each step that ran. Each step that ran appends
     ``{"step", "returncode", "seconds", "max_rss_mb"}`` (wall time; the peak resident memory of
@@ -360,8 +361,13 @@ def execute(steps: list[Step], console, log_dir: Path, jobs: int = 1, on_step_en
     try:
         while pending or running:
             before = len(pending)
+            # a step to run alone whose needs are met waits for the running steps to end, and
+            # nothing else starts meanwhile: with a free slot filled again and again it would never run
+            draining = any(s.label in alone and all(n in succeeded for n in s.needs) for _, s in pending)
             for item in list(pending):
                 i, step = item
+                if draining and step.label not in alone:
+                    continue
                 head = f"[bold]bench {i}/{len(steps)}[/] {step.label}"
                 blocked = [n for n in step.needs if n in failed]
                 if blocked:

@@ -669,6 +669,31 @@ def test_a_step_killed_by_sigkill_runs_again_alone_once(tmp_path):
     assert failures == [{"step": "d", "returncode": -9}, {"step": "e", "blocked_by": "d"}]
 
 
+def test_a_step_to_run_alone_is_not_starved_by_the_steps_after_it(tmp_path):
+    """With two jobs a free slot is filled at once, so both are rarely free together: once a step
+    must run alone, nothing else starts until it has run."""
+    from rich.console import Console
+
+    trace = tmp_path / "trace"
+    code = ("import os, signal, sys, time; from pathlib import Path; marker = Path(sys.argv[3]); "
+            "f = open(sys.argv[1], 'a'); f.write(sys.argv[2] + ' start\\n'); f.flush(); "
+            "first = not marker.exists(); marker.touch(); "
+            "os.kill(os.getpid(), signal.SIGKILL) if first and sys.argv[2] == 'b' else time.sleep(float(sys.argv[4])); "
+            "f.write(sys.argv[2] + ' end\\n')")
+
+    def step(name, seconds):
+        return Step(name, lambda: [sys.executable, "-c", code, str(trace), name, str(tmp_path / f"{name}.marker"),
+                                   str(seconds)])
+
+    failures = execute([step("a", 1.5), step("b", 0.1), *(step(n, 0.6) for n in "cdef")], Console(quiet=True),
+                       tmp_path, jobs=2)
+    lines = trace.read_text().split("\n")
+    assert failures == [] and lines.count("b start") == 2
+    again = lines.index("b start", lines.index("b start") + 1)
+    assert lines[again - 1] == "a end" and lines[again + 1] == "b end"  # a ended, b ran alone, then the rest
+    assert all(f"{n} start" in lines[again:] for n in "cdef")
+
+
 def test_a_step_started_last_stops_when_memory_runs_short_and_runs_again_alone(tmp_path):
     """Peaks differ between domains, so the expected peaks may let two steps start that do not
     fit: when available memory falls below the reserve, the step started last is stopped before
