@@ -417,7 +417,7 @@ def console_tables(rows: list[dict], labels: list[str], title: str, reference: s
 
 
 def plot(rows: list[dict], labels: list[str], out: Path) -> list[Path]:
-    """PNG plots: accuracy with 95% CI bars per model and evaluation (one panel per domain),
+    """PNG plots: accuracy with 95% CI bars per model and evaluation (one panel per domain, stacked),
     accuracy vs training time, and grounded rationality vs accuracy. Returns the files written
     (none without rows: a report written while only the tuning grid has run)."""
     if not rows:
@@ -431,9 +431,11 @@ def plot(rows: list[dict], labels: list[str], out: Path) -> list[Path]:
     domains = list(dict.fromkeys(r["domain"] for r in rows))
     files = []
 
-    fig, axes = plt.subplots(1, len(domains), figsize=(max(6, 1.2 * len(rows) / len(domains) * len(labels)) * len(domains), 4),
-                             squeeze=False)
-    for ax, domain in zip(axes[0], domains):
+    # One panel per domain, stacked, each as wide as the domain with the most bars needs (about 0.2 inch a bar):
+    # side by side, four domains made a picture too wide to read when scaled down.
+    bars = max(sum(r["domain"] == d for r in rows) for d in domains) * len(labels)
+    fig, axes = plt.subplots(len(domains), 1, figsize=(max(6.0, 2 + 0.2 * bars), 4.2 * len(domains)), squeeze=False)
+    for ax, domain in zip(axes[:, 0], domains):
         mine = [r for r in rows if r["domain"] == domain]
         width = 0.8 / len(labels)
         for j, label in enumerate(labels):
