@@ -33,9 +33,9 @@ from pydantic import Field, ValidationError
 from kembed.config import Strict
 from kembed.errors import ConfigError, KembedError
 from kembed.tune import TuneSpec
-from kembed.results import (SCORER, ModelEntry, format_p, collect, console_tables, method_ranking, plot, ranking_lines,
-                            rationality_table, seed_rationality, seed_summary, seed_table, table_cells, verdict_table,
-                            without_outcomes)
+from kembed.results import (SCORER, ModelEntry, across_domains_table, format_p, collect, console_tables, method_ranking,
+                            plot, ranking_lines, rationality_table, seed_rationality, seed_summary, seed_table,
+                            table_cells, verdict_table, without_outcomes)
 from kembed.runs import read_jsonl
 from kembed.schedule import (REUSE_CALL, Step, domain_of, group_of, execute, expected_memory, forecast,
                              longest_first, step_kind)
@@ -872,6 +872,11 @@ def write_report(suite: Suite, rows: list[dict], failures: list[dict], results_d
                   "differences in percentage points with two-level bootstrap 95% CIs that resample seeds, then "
                   "questions (the base row gives its own accuracy; the sections below give each run alone). A "
                   "difference whose CI holds zero is undecided at this scale.", ""]
+        header, body = across_domains_table(summary, labels[0])
+        if len({d for d, (_, b) in verdicts if b}) > 1:
+            lines += ["### Across domains", "", f"{labels[0]}: each method's difference to the base model per domain; "
+                      "the last column counts the domains where its CI lies wholly above zero (gain) or below it "
+                      "(loss).", "", markdown_table(header, body), ""]
         for domain, (header, body) in verdicts:
             if body:
                 lines += [f"### {domain}", "", markdown_table(header, body), ""]

@@ -700,6 +700,27 @@ def verdict_table(domain: str, rows: list[dict], labels: list[str], summary: lis
     return header, body
 
 
+def across_domains_table(summary: list[dict], label: str) -> tuple[list[str], list[list[str]]]:
+    """Header and cells of the verdict at a glance: a line per method, a column per domain with
+    the method's difference to the base model on evaluation ``label`` over its training seeds
+    (:func:`seed_summary`: percentage points, two-level 95% CI, seeds in brackets), and the count
+    of domains where that CI lies wholly above zero ("gains") or below it ("losses"). A domain a
+    method has no statistics in shows "-". Empty when ``summary`` has none on ``label``."""
+    acc = {(e["method"], e["domain"]): e for e in summary if e["evaluation"] == label}
+    if not acc:
+        return [], []
+    domains = list(dict.fromkeys(d for _, d in acc))
+    header = ["method", *(f"{d}: vs base (pp) [two-level CI] (seeds)" for d in domains), "domains with a gain / loss"]
+    body = []
+    for method in dict.fromkeys(m for m, _ in acc):
+        mine = [acc.get((method, d)) for d in domains]
+        gains = sum(1 for e in mine if e and e["ci95"][0] > 0)
+        losses = sum(1 for e in mine if e and e["ci95"][1] < 0)
+        body.append([method, *(f"{_ci(e)} ({e['seeds']})" if e else "-" for e in mine),
+                     f"{gains} / {losses} of {sum(e is not None for e in mine)}"])
+    return header, body
+
+
 def ranking_lines(ranking: list[dict], label: str) -> list[str]:
     """results.md's paragraphs on the pairs of methods (:func:`method_ranking`) on evaluation
     ``label``: those whose two-level 95% CI clears zero, then those undecided at this scale."""

@@ -10,7 +10,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from kembed.results import ModelEntry, collect, method_ranking, seed_rationality, seed_summary, verdict_table
+from kembed.results import (ModelEntry, across_domains_table, collect, method_ranking, seed_rationality, seed_summary,
+                            verdict_table)
 from kembed.data import TAUGHT, UNTAUGHT, answer_knowledge, knowledge_coverage, load_records, training_sample
 from kembed.train import TrainContext
 
@@ -371,6 +372,25 @@ def test_rationality_over_seeds_pairs_each_seed_with_the_base_model(tmp_path):
     assert line["grounded rationality, vs base both correct"].startswith(f"0.67, {rlag['diff']:+.2f} [")
     assert dict(zip(header, body[2]))["grounded rationality, vs base both correct"] == "-"  # sft: not judged
     assert verdict_table("other", rows, ["closed-book-raw"], summary, [rlag]) == ([], [])
+
+
+def test_across_domains_counts_the_domains_where_a_method_gains_or_loses():
+    """A CI wholly above zero is a gain, wholly below a loss; one holding zero is neither; a
+    domain without the method's statistics is "-" and not counted."""
+    def e(domain, method, diff, lo, hi, seeds=1, label="closed-book-raw"):
+        return {"domain": domain, "method": method, "evaluation": label, "seeds": seeds, "diff": diff,
+                "ci95": [lo, hi]}
+
+    summary = [e("a", "rlag", 0.1, 0.02, 0.2, seeds=3), e("b", "rlag", -0.05, -0.1, -0.01),
+               e("c", "rlag", 0.0, -0.1, 0.1),
+               e("a", "sft", 0.01, -0.02, 0.04, seeds=3), e("a", "sft", 0.5, 0.4, 0.6, label="retrieved-context-chat")]
+    header, body = across_domains_table(summary, "closed-book-raw")
+    assert header[1:4] == [f"{d}: vs base (pp) [two-level CI] (seeds)" for d in "abc"]
+    rows = {line[0]: line for line in body}
+    assert rows["rlag"][1:] == ["+10.0 [+2.0, +20.0] (3)", "-5.0 [-10.0, -1.0] (1)", "+0.0 [-10.0, +10.0] (1)",
+                                "1 / 1 of 3"]
+    assert rows["sft"][2:] == ["-", "-", "0 / 0 of 1"]  # its retrieved-context gain is another evaluation
+    assert across_domains_table(summary, "closed-book-rag") == ([], [])
 
 
 def test_a_split_larger_than_eval_sample_is_scored_on_the_same_seeded_sample_for_every_model(data_dir, tiny_model_dir,
