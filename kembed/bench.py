@@ -872,11 +872,10 @@ def write_report(suite: Suite, rows: list[dict], failures: list[dict], results_d
                   "differences in percentage points with two-level bootstrap 95% CIs that resample seeds, then "
                   "questions (the base row gives its own accuracy; the sections below give each run alone). A "
                   "difference whose CI holds zero is undecided at this scale.", ""]
-        header, body = across_domains_table(summary, labels[0])
         if len({d for d, (_, b) in verdicts if b}) > 1:
             lines += ["### Across domains", "", f"{labels[0]}: each method's difference to the base model per domain; "
                       "the last column counts the domains where its CI lies wholly above zero (gain) or below it "
-                      "(loss).", "", markdown_table(header, body), ""]
+                      "(loss).", "", markdown_table(*across_domains_table(summary, labels[0])), ""]
         for domain, (header, body) in verdicts:
             if body:
                 lines += [f"### {domain}", "", markdown_table(header, body), ""]
