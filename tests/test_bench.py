@@ -448,6 +448,8 @@ def test_a_report_of_one_domain_carries_over_the_domains_reported_before(data_di
     assert f"## current-events (carried over: commit {first['commit']}, {first['date']})" in md
     assert "carried over from earlier invocations" in md and "## legal\n" in md and "| sft (seed 2) |" in md
     assert "2 invocation(s)" in md and (results / "accuracy.png").stat().st_size > 0
+    glance = md.split("### Across domains")[1].split("###")[0]  # two domains with a verdict: at a glance
+    assert "| current-events: vs base" in glance and "legal: vs base" in glance and "| cpt |" in glance
 
     # a third session re-runs current-events: its own rows replace the carried ones, legal is carried
     out_c = tmp_path / "out-c"
