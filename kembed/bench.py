@@ -723,8 +723,9 @@ def skip_finished(steps: list[Step], finished: set[tuple[str, str]]) -> list[Ste
 
 
 def earlier_report(path: Path, strict: bool = False) -> dict:
-    """The parsed earlier ``results.json`` at ``path``; ``{}`` when it is missing, not an object
-    or, unless ``strict``, unreadable.
+    """The parsed earlier ``results.json`` at ``path``, its shared id lists put back into the
+    cells (:func:`_shared_ids`); ``{}`` when it is missing, not an object or, unless ``strict``,
+    unreadable.
 
     Raises:
         KembedError: (``strict``) the file is not valid JSON: :func:`carry_over` reports it when
@@ -739,7 +740,7 @@ def earlier_report(path: Path, strict: bool = False) -> dict:
             raise KembedError(f"{path}: invalid JSON at line {e.lineno}: {e.msg} (fix or move it to write the "
                               "report)") from None
         return {}
-    return old if isinstance(old, dict) else {}
+    return _shared_ids(old) if isinstance(old, dict) else {}
 
 
 def earlier_tuning(earlier: Path, suite: Suite) -> dict[str, dict]:
@@ -767,23 +768,56 @@ def earlier_tuning(earlier: Path, suite: Suite) -> dict[str, dict]:
 
 def _results_json(obj: dict) -> str:
     """``obj`` as indented JSON with each ``outcomes`` object on one line (its ids would
-    otherwise take a line each)."""
+    otherwise take a line each). An id list is written once, in the top-level ``question_ids``
+    (``{"ids-0": [ids], ...}``), and each ``outcomes`` names it in ``ids``: every model of a domain
+    is scored on the same questions, so the lists repeat, and they were most of the file.
+    :func:`earlier_report` puts the lists back."""
     blocks: list[str] = []
+    shared: dict[tuple, str] = {}
 
     def walk(x):
         if isinstance(x, dict):
             out = {}
             for k, v in x.items():
                 if k == "outcomes" and isinstance(v, dict):
+                    if isinstance(v.get("ids"), list):
+                        v = {**v, "ids": shared.setdefault(tuple(v["ids"]), f"ids-{len(shared)}")}
                     blocks.append(json.dumps(v, ensure_ascii=False))
-                    out[k] = f"\0outcomes-{len(blocks) - 1}\0"
+                    out[k] = f"\0block-{len(blocks) - 1}\0"
                 else:
                     out[k] = walk(v)
             return out
         return [walk(v) for v in x] if isinstance(x, list) else x
 
-    text = json.dumps(walk(obj), indent=2, ensure_ascii=False)
-    return re.sub(r'"\\u0000outcomes-(\d+)\\u0000"', lambda m: blocks[int(m.group(1))], text) + "\n"
+    tree = walk(obj)
+    for ids, name in shared.items():
+        blocks.append(json.dumps(list(ids), ensure_ascii=False))
+        tree.setdefault("question_ids", {})[name] = f"\0block-{len(blocks) - 1}\0"
+    text = json.dumps(tree, indent=2, ensure_ascii=False)
+    return re.sub(r'"\\u0000block-(\d+)\\u0000"', lambda m: blocks[int(m.group(1))], text) + "\n"
+
+
+def _shared_ids(report: dict) -> dict:
+    """``report`` (a parsed results.json) with every ``outcomes`` ``ids`` that names a list of
+    its ``question_ids`` (:func:`_results_json`) replaced by that list, and ``question_ids``
+    dropped; a name the table lacks stays, for :func:`kembed.results.cell_outcomes` to report."""
+    table = report.pop("question_ids", None)
+    if not isinstance(table, dict):
+        return report
+
+    def walk(x):
+        if isinstance(x, dict):
+            o = x.get("outcomes")
+            if isinstance(o, dict) and isinstance(o.get("ids"), str) and isinstance(table.get(o["ids"]), list):
+                o["ids"] = list(table[o["ids"]])
+            for v in x.values():
+                walk(v)
+        elif isinstance(x, list):
+            for v in x:
+                walk(v)
+
+    walk(report)
+    return report
 
 
 def _questions_per_domain(rows: list[dict], label: str | None) -> str:

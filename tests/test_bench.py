@@ -8,7 +8,7 @@ import sys
 import pytest
 from typer.testing import CliRunner
 
-from kembed.bench import load_suite, plan
+from kembed.bench import earlier_report, load_suite, plan
 from kembed.schedule import Step, execute, expected, expected_memory
 from kembed.runs import read_jsonl
 from kembed.cli import app
@@ -168,7 +168,7 @@ def test_bench_runs_a_suite_and_resumes(data_dir, tiny_model_dir, tmp_path):
     suite, out, results = mini_suite(tmp_path, tiny_model_dir), tmp_path / "runs", tmp_path / "results"
     result = invoke("bench", suite, "--out", out, "--results", results)
     assert result.exit_code == 0, result.output
-    report = json.loads((results / "results.json").read_text())
+    report = earlier_report(results / "results.json")
     assert [r["name"] for r in report["rows"]] == ["base", "sft"] and report["failures"] == []
     sft = report["rows"][1]
     assert set(sft["evals"]) == {"closed-book-raw", "retrieved-context-chat"}
@@ -401,7 +401,7 @@ def report(suite, models, out, results, started, seconds):
     invocation = {"started": started, "jobs": 1, "domains": [models[0].domain], "seconds": seconds,
                   "steps_run": 1, "finished": True, "commit": f"c-{started[:10]}"}
     _report(suite, models, out, results, [invocation], [], None, Console(file=io.StringIO()))
-    return json.loads((results / "results.json").read_text())
+    return earlier_report(results / "results.json")
 
 
 def two_domain_suite():
@@ -483,7 +483,7 @@ def test_a_carried_domain_is_pending_what_its_report_left_pending(tmp_path):
 def test_a_domain_too_long_for_one_session_adds_up_model_by_model(data_dir, tmp_path):
     import shutil
 
-    from kembed.bench import earlier_report, finished_models, skip_finished
+    from kembed.bench import finished_models, skip_finished
     from kembed.schedule import Step
 
     suite, results = two_domain_suite(), tmp_path / "results"
@@ -527,11 +527,30 @@ def test_a_domain_too_long_for_one_session_adds_up_model_by_model(data_dir, tmp_
     assert not any(r.get("carried_from") for r in third["rows"]) and len(third["invocations"]) == 1
 
 
+def test_results_json_writes_each_id_list_once_and_reads_them_back(tmp_path):
+    """Cells scored on the same questions share one list in ``question_ids``; reading puts it back
+    into each cell; a results.json written before (lists in the cells) reads unchanged."""
+    from kembed.bench import _results_json
+
+    cell = {"ids": ["q1", "q2"], "correct": "10"}
+    obj = {"rows": [{"evals": {"a": {"outcomes": dict(cell)}, "b": {"outcomes": {**cell, "correct": "01"}}}},
+                    {"evals": {"a": {"outcomes": {"ids": ["q3"], "correct": "1"}}}}],
+           "tuning": {"sft": {"ids": ["q9"]}}}  # ids outside an outcomes object stay where they are
+    path = tmp_path / "results.json"
+    path.write_text(_results_json(obj))
+    raw = json.loads(path.read_text())
+    assert raw["question_ids"] == {"ids-0": ["q1", "q2"], "ids-1": ["q3"]}
+    assert [c["outcomes"]["ids"] for c in raw["rows"][0]["evals"].values()] == ["ids-0", "ids-0"]
+    assert earlier_report(path) == obj
+    path.write_text(json.dumps(obj))
+    assert earlier_report(path) == obj
+
+
 def test_a_results_json_without_outcomes_is_carried_into_tables_only(data_dir, tmp_path):
     suite, results = two_domain_suite(), tmp_path / "results"
     report(suite, fake_models(tmp_path / "out-a", "current-events"), tmp_path / "out-a", results,
            "2026-01-01T00:00:00+00:00", 60.0)
-    old = json.loads((results / "results.json").read_text())  # as written before cells kept outcomes
+    old = earlier_report(results / "results.json")  # as written before cells kept outcomes
     for r in old["rows"]:
         for c in r["evals"].values():
             del c["outcomes"]
