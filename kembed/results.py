@@ -418,7 +418,8 @@ def console_tables(rows: list[dict], labels: list[str], title: str, reference: s
 
 def plot(rows: list[dict], labels: list[str], out: Path) -> list[Path]:
     """PNG plots: accuracy with 95% CI bars per model and evaluation (one panel per domain, stacked),
-    accuracy vs training time, and grounded rationality vs accuracy. Returns the files written
+    accuracy vs training time, and grounded rationality vs accuracy (a panel per domain, a colour
+    per method, a point per run). Returns the files written
     (none without rows: a report written while only the tuning grid has run)."""
     if not rows:
         return []
@@ -457,18 +458,31 @@ def plot(rows: list[dict], labels: list[str], out: Path) -> list[Path]:
     fig.savefig(files[-1], dpi=120)
     plt.close(fig)
 
+    from matplotlib.lines import Line2D
+
+    methods = list(dict.fromkeys(r["method"] or "base" for r in rows))
+    style = {m: {"color": f"C{i % 10}", "marker": "x" if m == "base" else "o"} for i, m in enumerate(methods)}
+
     def scatter(xkey: Callable[[dict], float | None], ykey: Callable[[dict], float | None], xlabel, ylabel, name):
-        fig, ax = plt.subplots(figsize=(6, 4.5))
-        for r in rows:
-            x, y = xkey(r), ykey(r)
-            if x is None or y is None:
-                continue
-            ax.scatter([x], [y])
-            ax.annotate(r["name"] if len(domains) == 1 else f"{r['name']} ({r['domain']})", (x, y),
-                        textcoords="offset points", xytext=(4, 4), fontsize=8)
-        ax.set_xlabel(xlabel)
-        ax.set_ylabel(ylabel)
-        fig.tight_layout()
+        # A panel per domain and a colour per method (its seeds share it): one panel of every model
+        # with a label each was unreadable at four domains and three seeds.
+        cols = min(2, len(domains))
+        fig, axes = plt.subplots(-(-len(domains) // cols), cols, figsize=(5.5 * cols, 4.2 * -(-len(domains) // cols)),
+                                 squeeze=False)
+        for ax in axes.flat[len(domains):]:
+            ax.set_visible(False)
+        for ax, domain in zip(axes.flat, domains):
+            for r in rows:
+                x, y = (xkey(r), ykey(r)) if r["domain"] == domain else (None, None)
+                if x is not None and y is not None:
+                    ax.scatter([x], [y], **style[r["method"] or "base"])
+            ax.set_title(domain)
+            ax.set_xlabel(xlabel)
+            ax.set_ylabel(ylabel)
+        ncol = min(len(methods), 4 * cols)  # about 1.3 inch a legend entry
+        fig.legend(handles=[Line2D([], [], linestyle="", label=m, **style[m]) for m in methods], loc="upper center",
+                   ncol=ncol, fontsize=8)
+        fig.tight_layout(rect=(0, 0, 1, 1 - 0.3 * -(-len(methods) // ncol) / fig.get_figheight()))
         files.append(out / name)
         fig.savefig(files[-1], dpi=120)
         plt.close(fig)
