@@ -89,12 +89,14 @@ def cell_outcomes(cell: dict, where: str = "") -> tuple[dict[str, bool], dict[st
 
     Raises:
         KembedError: (naming ``where``) malformed outcomes: strings whose length is not the
-            number of ids, or letters outside ``01`` / ``tun.``.
+            number of ids, letters outside ``01`` / ``tun.``, or ids naming a list not found.
     """
     o = cell.get("outcomes")
     if not o:
         return None
     ids, correct, knowledge = o.get("ids"), o.get("correct"), o.get("knowledge")
+    if isinstance(ids, str):  # a name :func:`kembed.bench.earlier_report` found no list for
+        raise KembedError(f"{where}: outcomes: 'ids' names {ids!r}, which the file's question_ids lacks")
     letters = {v: k for k, v in KNOWLEDGE_CODES.items()}
     if (not isinstance(ids, list) or not isinstance(correct, str) or len(correct) != len(ids)
             or set(correct) - {"0", "1"}):

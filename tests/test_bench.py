@@ -531,6 +531,8 @@ def test_results_json_writes_each_id_list_once_and_reads_them_back(tmp_path):
     """Cells scored on the same questions share one list in ``question_ids``; reading puts it back
     into each cell; a results.json written before (lists in the cells) reads unchanged."""
     from kembed.bench import _results_json
+    from kembed.errors import KembedError
+    from kembed.results import cell_outcomes
 
     cell = {"ids": ["q1", "q2"], "correct": "10"}
     obj = {"rows": [{"evals": {"a": {"outcomes": dict(cell)}, "b": {"outcomes": {**cell, "correct": "01"}}}},
@@ -544,6 +546,10 @@ def test_results_json_writes_each_id_list_once_and_reads_them_back(tmp_path):
     assert earlier_report(path) == obj
     path.write_text(json.dumps(obj))
     assert earlier_report(path) == obj
+    del raw["question_ids"]["ids-1"]  # a hand-edited file: the name stays, and decoding says so
+    path.write_text(json.dumps(raw))
+    with pytest.raises(KembedError, match="'ids' names 'ids-1', which the file's question_ids lacks"):
+        cell_outcomes(earlier_report(path)["rows"][1]["evals"]["a"], "row 2")
 
 
 def test_a_results_json_without_outcomes_is_carried_into_tables_only(data_dir, tmp_path):
