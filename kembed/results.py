@@ -469,8 +469,8 @@ def plot(rows: list[dict], labels: list[str], out: Path) -> list[Path]:
         # A panel per domain and a colour per method (its seeds share it): one panel of every model
         # with a label each was unreadable at four domains and three seeds.
         cols = min(2, len(domains))
-        fig, axes = plt.subplots(-(-len(domains) // cols), cols, figsize=(5.5 * cols, 4.2 * -(-len(domains) // cols)),
-                                 squeeze=False)
+        lines = -(-len(domains) // cols)
+        fig, axes = plt.subplots(lines, cols, figsize=(5.5 * cols, 4.2 * lines), squeeze=False)
         for ax in axes.flat[len(domains):]:
             ax.set_visible(False)
         for ax, domain in zip(axes.flat, domains):
